@@ -1,0 +1,31 @@
+"""General plugin entry point (group ``sglang.srt.plugins``).
+
+SGLang calls ``load()`` early in every process it starts: the engine or HTTP
+server process, the spawned scheduler, the detokenizer. Hooks registered here are
+applied by ``HookRegistry.apply_hooks()`` right after. Installing sglang-holes
+must change nothing until the user selects it, so every hook registered here is
+either read-only or acts only on requests/caches that selected sglang-holes.
+
+SGLang catches and logs exceptions raised by plugins, so a version mismatch here
+only logs an error and registers nothing; ``sglang_holes.Engine`` and
+``sglang-holes serve`` check the version themselves and refuse to start.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang_holes.patches.version import UnsupportedSGLangError, check_sglang_version
+
+logger = logging.getLogger("sglang_holes")
+
+
+def load() -> None:
+    try:
+        check_sglang_version()
+    except UnsupportedSGLangError as e:
+        logger.error("sglang-holes plugin disabled: %s", e)
+        return
+    from sglang_holes.patches import internal_state
+
+    internal_state.register()

@@ -1,0 +1,29 @@
+"""sglang-holes: reuse KV cache with holes in it.
+
+Engine-agnostic core (this package never imports sglang; ``sglang_holes.patches``
+is the only code that does):
+
+* ``HolePlan`` -- once-per-batch CPU plan for segmented prefill.
+* ``segmented_attention`` -- attention for the compacted missing tokens of a batch
+  (pure-torch reference, FlashInfer custom-mask / span-batched paths, auto choice).
+
+``sglang_holes.Engine`` (a drop-in ``sglang.Engine``) is resolved lazily from
+``sglang_holes.patches.engine`` so that importing the core never imports sglang.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sglang_holes.plan import HolePlan, spans_from_inclusive
+
+__all__ = ["Engine", "HolePlan", "spans_from_inclusive"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Engine":
+        from sglang_holes.patches.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'sglang_holes' has no attribute {name!r}")

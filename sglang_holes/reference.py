@@ -1,0 +1,105 @@
+"""Pure-torch reference for segmented prefill (any device, fp32 accumulation).
+
+This is the oracle every fast path is checked against, and the path the CPU
+engine runs. It gathers each sequence's keys ``[0, kv_len)`` through its slot
+table and masks by ORIGINAL query position, so it is exact for any set of holes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sglang_holes.plan import HolePlan
+
+
+def attention_scores_mask(
+    q_pos: torch.Tensor, kv_len: int, window_left: int = -1
+) -> torch.Tensor:
+    """Boolean ``[len(q_pos), kv_len]``: key ``j`` visible to a query at ``p`` iff
+    ``j <= p`` and, with ``window_left >= 0``, ``p - j <= window_left`` (FlashInfer's rule)."""
+    j = torch.arange(kv_len, device=q_pos.device)[None, :]
+    p = q_pos[:, None]
+    keep = j <= p
+    if window_left >= 0:
+        keep &= (p - j) <= window_left
+    return keep
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    sm_scale: float,
+    logits_soft_cap: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``q [M, Hq, D]`` over ``k, v [L, Hkv, D]`` with mask ``keep [M, L]``.
+
+    GQA: ``Hq`` must be a multiple of ``Hkv``; query head ``h`` reads KV head
+    ``h // (Hq // Hkv)``. Computed in fp32, returned in ``q.dtype``. A query row
+    with no visible key returns zeros (never happens for a valid plan).
+    """
+    M, Hq, D = q.shape
+    Hkv = k.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    g = Hq // Hkv
+    qf = q.float().view(M, Hkv, g, D)
+    s = torch.einsum("mkgd,lkd->kgml", qf, k.float()) * sm_scale  # [Hkv, g, M, L]
+    if logits_soft_cap is not None and logits_soft_cap > 0:
+        s = logits_soft_cap * torch.tanh(s / logits_soft_cap)
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    o = torch.einsum("kgml,lkd->mkgd", p, v.float())
+    return o.reshape(M, Hq, v.shape[-1]).to(q.dtype)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_table: Sequence[torch.Tensor],
+    plan: HolePlan,
+    sm_scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    window_left: int = -1,
+) -> torch.Tensor:
+    """Segmented attention by definition: ``[m, Hq, D]`` compacted queries in, ``[m, Hq, D]`` out.
+
+    ``k_cache``/``v_cache`` are ``[num_slots, Hkv, D]``; ``slot_table[i]`` gives
+    the slot of every position of sequence ``i``. The K/V of the missing tokens
+    must already be written to their slots (each layer writes before it attends).
+    """
+    if q.shape[0] != plan.num_queries:
+        raise ValueError(f"q has {q.shape[0]} rows but the plan has {plan.num_queries} missing tokens")
+    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+    out = torch.empty(q.shape[0], q.shape[1], v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    for i in range(plan.batch_size):
+        a, b = int(plan.seq_q_indptr[i]), int(plan.seq_q_indptr[i + 1])
+        if a == b:
+            continue
+        L = plan.kv_len(i)
+        slots = slot_table[i][:L].to(device=k_cache.device, dtype=torch.int64)
+        keep = attention_scores_mask(plan.positions_of(i).to(q.device), L, window_left)
+        out[a:b] = masked_attention(q[a:b], k_cache[slots], v_cache[slots], keep, scale, logits_soft_cap)
+    return out
+
+
+def dense_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    window_left: int = -1,
+) -> torch.Tensor:
+    """Full causal prefill of one sequence: ``q [n, Hq, D]``, ``k, v [n, Hkv, D]`` -> ``[n, Hq, D]``.
+
+    The ground truth hole filling must reproduce at the missing positions.
+    """
+    n = q.shape[0]
+    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+    keep = attention_scores_mask(torch.arange(n, device=q.device), n, window_left)
+    return masked_attention(q, k, v, keep, scale, logits_soft_cap)

@@ -1,0 +1,50 @@
+"""Smoke tests of the real SGLang 0.5.23 engine on CPU with the embedded SmolLM2 and the plugin."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.engine
+
+GREEDY = {"max_new_tokens": 16, "temperature": 0.0}
+
+
+def _chat(tokenizer, question: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def test_capital_of_france(engine, tokenizer):
+    out = engine.generate(prompt=_chat(tokenizer, "What is the capital of France?"), sampling_params=GREEDY)
+    assert "Paris" in out["text"], out["text"]
+
+
+def test_shared_prefix_is_cached(engine, tokenizer):
+    doc = (
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+        "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+        "from 1887 to 1889. Locally nicknamed 'La dame de fer', it was constructed as the centerpiece "
+        "of the 1889 World's Fair, and to crown the centennial anniversary of the French Revolution. "
+    ) * 3
+    first = engine.generate(prompt=_chat(tokenizer, doc + "Who designed the tower?"), sampling_params=GREEDY)
+    second = engine.generate(prompt=_chat(tokenizer, doc + "When was it built?"), sampling_params=GREEDY)
+    shared = len(tokenizer(_chat(tokenizer, doc))["input_ids"]) - 10  # the template's tail differs
+    assert first["meta_info"]["prompt_tokens"] > 200
+    assert second["meta_info"]["cached_tokens"] >= shared, (second["meta_info"], shared)
+
+
+def test_plugin_loaded_in_scheduler_process(engine):
+    """The plugin's hook runs inside the spawned scheduler and reports that process's pid."""
+    info = engine.get_server_info()
+    state = info["internal_states"][0]["sglang_holes"]
+    assert state["pid"] != os.getpid()
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert state["pid"] in children
+    import torch
+
+    if not torch.cuda.is_available():
+        assert state["platform"] == "HolesCpuPlatform"
