@@ -15,9 +15,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from sglang_holes.attention import AttentionParams, FlashInferHoleAttention, segmented_attention
+from sglang_holes.cost import CostModel, choose_path
 from sglang_holes.plan import HolePlan, spans_from_inclusive
 
-__all__ = ["Engine", "HolePlan", "spans_from_inclusive"]
+__all__ = [
+    "AttentionParams",
+    "CostModel",
+    "Engine",
+    "FlashInferHoleAttention",
+    "HolePlan",
+    "choose_path",
+    "segmented_attention",
+    "spans_from_inclusive",
+]
 __version__ = "0.1.0"
 
 

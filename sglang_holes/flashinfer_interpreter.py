@@ -128,9 +128,9 @@ def _request_keep(ip: InterpretedPlan, b: int, qo_len: int, kv_len: int) -> torc
         off = i * kv_len + j
         base = int(ip.mask_indptr[b])
         byte_idx = base + torch.div(off, 8, rounding_mode="floor")
-        if int(byte_idx.max(initial=0)) >= ip.packed_mask.numel() and off.numel():
+        if byte_idx.numel() and int(byte_idx.max()) >= ip.packed_mask.numel():
             raise IndexError("custom mask read past its end")
-        byte = ip.packed_mask[byte_idx.clamp(max=max(ip.packed_mask.numel() - 1, 0))].to(torch.int32)
+        byte = ip.packed_mask[byte_idx].to(torch.int32)
         keep = ((byte >> (off % 8)) & 1).bool()
     elif ip.causal:
         keep = j <= q_abs

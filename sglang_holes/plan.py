@@ -158,6 +158,10 @@ class HolePlan:
         """Keys sequence ``i``'s queries can see: positions ``[0, end of its last span)``."""
         return self.holes[i][-1][1] if self.holes[i] else 0
 
+    def num_queries_of(self, i: int) -> int:
+        """Missing tokens of sequence ``i``."""
+        return int(self.seq_q_indptr[i + 1] - self.seq_q_indptr[i])
+
     def positions_of(self, i: int) -> torch.Tensor:
         return self.q_positions[int(self.seq_q_indptr[i]) : int(self.seq_q_indptr[i + 1])]
 
@@ -182,7 +186,9 @@ class HolePlan:
                 raise ValueError(f"sequence {i}: slot_table is not page-aligned for page_size={P}")
         return pages
 
-    def flashinfer_inputs(self, path: str, slot_table: Sequence[torch.Tensor]) -> dict[str, Any]:
+    def flashinfer_inputs(
+        self, path: str, slot_table: Sequence[torch.Tensor], window_left: int = -1
+    ) -> dict[str, Any]:
         """Keyword arguments for ``BatchPrefillWithPagedKVCacheWrapper.plan(...)``.
 
         Args:
@@ -194,10 +200,16 @@ class HolePlan:
                 FlashInfer aligns the causal mask bottom-right).
             slot_table: per sequence, a 1-D int tensor with the KV slot of every
                 position (cached and newly written alike).
+            window_left: sliding window (keys with ``pos - j <= window_left``; -1: none).
+                FlashInfer applies its window bottom-right aligned, i.e. at the COMPACTED
+                index under a custom mask, which is wrong for holes; so on the custom-mask
+                path the window is folded into the mask and FlashInfer gets -1. On the
+                span path request-local positions are original positions and FlashInfer's
+                own window is exact.
 
         Returns the plan() keywords: ``qo_indptr``, ``paged_kv_indptr``,
         ``paged_kv_indices``, ``paged_kv_last_page_len`` (int32, CPU), ``page_size``,
-        ``causal`` and, for ``custom_mask``, the boolean ``custom_mask`` (never a
+        ``causal``, ``window_left`` and, for ``custom_mask``, the boolean ``custom_mask`` (never a
         packed mask: FlashInfer 0.7.2 mis-indexes packed masks when B > 1). Head
         counts, dtypes and scales are the caller's. Sequences without holes are
         left out (they have no queries); query order is unchanged.
@@ -219,7 +231,11 @@ class HolePlan:
             indices.append(pages)
             last.append(kv_len - (pages.numel() - 1) * P)
             if path == "custom_mask":
-                masks.append((torch.arange(kv_len)[None, :] <= pos[:, None]).flatten())
+                j, p = torch.arange(kv_len)[None, :], pos[:, None]
+                keep = j <= p
+                if window_left >= 0:
+                    keep &= (p - j) <= window_left
+                masks.append(keep.flatten())
         i32 = torch.int32
         out: dict[str, Any] = {
             "qo_indptr": torch.tensor(qo, dtype=i32),
@@ -228,6 +244,7 @@ class HolePlan:
             "paged_kv_last_page_len": torch.tensor(last, dtype=i32),
             "page_size": P,
             "causal": path == "spans",
+            "window_left": window_left if path == "spans" else -1,
         }
         if path == "custom_mask":
             mask = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
