@@ -1,0 +1,135 @@
+"""Eviction policies for ``HoleTree``.
+
+``lru-leaf`` — stock SGLang: only leaves of the cached set (cached nodes with no cached
+descendant), least recently used first, whole nodes. The cache stays prefix-closed
+unless something else punched a hole.
+
+``cost-aware`` — evict the KV whose expected recompute cost per freed slot is lowest,
+wherever it sits: interior nodes too (their descendants keep KV and later requests
+recompute only the hole), and only the head of a node when less is needed.
+
+    priority(node) = clock + hits(node) · cost(head) / len(head)
+
+where ``head`` is the part of the node an eviction of ``num_tokens`` would drop (its
+first ``num_tokens`` tokens, rounded up to pages, or the whole node if shorter).
+
+This is GreedyDual-Size-Frequency with the recompute FLOPs of ``recompute_cost``:
+``cost/len`` is the FLOPs to rebuild one of those slots (larger deep in a long
+context, where every token attends to more keys), ``hits`` counts the matches that
+walked through the node — every hit on a descendant passes through its ancestors,
+so a shared system prompt or document prefix accumulates the hits of everything
+below it — and ``clock`` (raised to each victim's priority) ages entries that are
+no longer hit. The lowest priority goes first. The head of a partially evicted
+node goes first because earlier positions are cheaper to rebuild.
+
+Worked example (SmolLM2-135M constants: linear ≈ 0.21 GFLOP/token, attention ≈ 69 kFLOP/key):
+a shared 1k-token system prompt S hit 10 times, and two 8k-token documents A, B below
+it, each hit 5 times; 1k tokens must go. One slot of S costs ≈ 0.21 G + 69 k·500 ≈
+0.25 GFLOP, ×10 hits = 2.5; a slot in the first 1k of A costs ≈ 0.21 + 69 k·1.5 k ≈
+0.31 GFLOP, ×5 = 1.6; a slot in A's last 1k costs ≈ 0.21 + 69 k·8.5 k ≈ 0.80 GFLOP,
+×5 = 4.0. So cost-aware punches holes at the START of A and B (leaving S and their
+expensive tails), while lru-leaf drops the tails, which cost ~2.5× more per slot to
+recompute — and, the cache being prefix-closed, a returning request then recomputes
+the whole tail instead of a cheap hole.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
+
+from sglang_holes.recompute_cost import SMOLLM2_135M, RecomputeCost
+
+if TYPE_CHECKING:
+    from sglang_holes.tree import HoleTree, Node
+
+POLICIES = ("lru-leaf", "cost-aware")
+
+
+class EvictionPolicy(Protocol):
+    name: str
+    partial: bool  # may evict the head of a node
+
+    def victims(self, tree: HoleTree, num_tokens: int) -> Iterator[Node]:
+        """Yield cached, unlocked nodes to evict for ``num_tokens`` slots, best first; lazily
+        (the tree evicts each yielded node, or its head, before asking for the next)."""
+        ...
+
+
+def _cached_frontier(tree: HoleTree) -> list[Node]:
+    """Cached, unlocked nodes with no cached descendant."""
+    out: list[Node] = []
+    has_cached: dict[int, bool] = {}
+    order = tree.nodes()
+    for n in reversed(order):  # children before parents (nodes() is a pre-order DFS)
+        below = any(c.slots is not None or has_cached[id(c)] for c in n.children.values())
+        has_cached[id(n)] = below
+        if n.slots is not None and not below and n.lock_ref == 0:
+            out.append(n)
+    return out
+
+
+def _evictable(tree: HoleTree, n: Node) -> bool:
+    return n.parent is not None and n.slots is not None and n.lock_ref == 0
+
+
+class LRULeaf:
+    name = "lru-leaf"
+    partial = False
+
+    def victims(self, tree: HoleTree, num_tokens: int) -> Iterator[Node]:
+        tie = itertools.count()
+        heap = [(n.last_access, next(tie), n) for n in _cached_frontier(tree)]
+        heapq.heapify(heap)
+        while heap:
+            _, _, n = heapq.heappop(heap)
+            if not _evictable(tree, n) or tree._has_cached_descendant(n):
+                continue
+            up = n.parent
+            while up is not None and up is not tree.root and up.slots is None:
+                up = up.parent
+            yield n
+            # Its nearest cached ancestor may now be a leaf of the cached set.
+            if up is not None and up is not tree.root and _evictable(tree, up) \
+                    and not tree._has_cached_descendant(up):
+                heapq.heappush(heap, (up.last_access, next(tie), up))
+
+
+class CostAware:
+    name = "cost-aware"
+    partial = True
+
+    def __init__(self, cost: RecomputeCost):
+        self.cost = cost
+        self.clock = 0.0
+
+    def priority(self, n: Node, chunk: int) -> float:
+        """Of the part that would go: the node's head of ``chunk`` tokens (all of a shorter node)."""
+        c = min(chunk, len(n.key))
+        return self.clock + max(n.hits, 1) * self.cost.span(n.start, n.start + c) / c
+
+    def victims(self, tree: HoleTree, num_tokens: int) -> Iterator[Node]:
+        P = tree.page_size
+        chunk = max(P, -(-num_tokens // P) * P)
+        tie = itertools.count()
+        heap = [(self.priority(n, chunk), next(tie), n) for n in tree.nodes()
+                if n.slots is not None and n.lock_ref == 0]
+        heapq.heapify(heap)
+        while heap:
+            prio, _, n = heapq.heappop(heap)
+            if not _evictable(tree, n):
+                continue
+            self.clock = max(self.clock, prio)
+            yield n
+            if _evictable(tree, n):  # only its head was evicted; the rest stays a candidate
+                heapq.heappush(heap, (self.priority(n, chunk), next(tie), n))
+
+
+def make_policy(name: str, cost_model: RecomputeCost | None = None) -> EvictionPolicy:
+    if name == "lru-leaf":
+        return LRULeaf()
+    if name == "cost-aware":
+        return CostAware(cost_model or SMOLLM2_135M)
+    raise ValueError(f"unknown eviction policy {name!r}; expected one of {POLICIES}")
