@@ -8,29 +8,37 @@ unless something else punched a hole.
 wherever it sits: interior nodes too (their descendants keep KV and later requests
 recompute only the hole), and only the head of a node when less is needed.
 
-    priority(node) = clock + hits(node) · cost(head) / len(head)
+    priority(node) = reuse(node) · cost(head) / len(head)               (lowest goes first)
+    reuse(node)    = hits(node) / (now − created(node) + τ)  ·  τ / (now − last_access(node) + τ)
 
-where ``head`` is the part of the node an eviction of ``num_tokens`` would drop (its
-first ``num_tokens`` tokens, rounded up to pages, or the whole node if shorter).
-
-This is GreedyDual-Size-Frequency with the recompute FLOPs of ``recompute_cost``:
-``cost/len`` is the FLOPs to rebuild one of those slots (larger deep in a long
-context, where every token attends to more keys), ``hits`` counts the matches that
-walked through the node — every hit on a descendant passes through its ancestors,
-so a shared system prompt or document prefix accumulates the hits of everything
-below it — and ``clock`` (raised to each victim's priority) ages entries that are
-no longer hit. The lowest priority goes first. The head of a partially evicted
-node goes first because earlier positions are cheaper to rebuild.
+* ``head`` is the part an eviction of ``num_tokens`` would drop: the node's first
+  ``num_tokens`` tokens (rounded up to pages), or the whole node if shorter — earlier
+  positions are cheaper to rebuild, so a node is eaten from its start.
+* ``cost/len`` is the FLOPs to rebuild one of those slots (``recompute_cost``): larger
+  deep in a long context, where every token attends to more keys.
+* ``hits`` counts the matches that walked through the node. Every hit on a descendant
+  passes through its ancestors, so a shared system prompt or document prefix
+  accumulates the hits of everything below it and is the last to go.
+* ``reuse`` estimates how likely the node is to be needed soon. Its first factor is the
+  node's hit RATE over its lifetime (in tree clock ticks, one per match or insert): raw
+  counts would protect the old nodes of a conversation over its equally-needed young
+  ones. Its second factor decays with idle time, as LRU does: a context that stopped
+  being used (an agent that started a new task, a closed chat) loses its claim however
+  often it was hit before. ``τ`` (default 32 ticks, ~10 requests) damps both for
+  brand-new nodes, whose single hit over a tiny lifetime says little.
 
 Worked example (SmolLM2-135M constants: linear ≈ 0.21 GFLOP/token, attention ≈ 69 kFLOP/key):
 a shared 1k-token system prompt S hit 10 times, and two 8k-token documents A, B below
-it, each hit 5 times; 1k tokens must go. One slot of S costs ≈ 0.21 G + 69 k·500 ≈
-0.25 GFLOP, ×10 hits = 2.5; a slot in the first 1k of A costs ≈ 0.21 + 69 k·1.5 k ≈
-0.31 GFLOP, ×5 = 1.6; a slot in A's last 1k costs ≈ 0.21 + 69 k·8.5 k ≈ 0.80 GFLOP,
-×5 = 4.0. So cost-aware punches holes at the START of A and B (leaving S and their
-expensive tails), while lru-leaf drops the tails, which cost ~2.5× more per slot to
-recompute — and, the cache being prefix-closed, a returning request then recomputes
-the whole tail instead of a cheap hole.
+it, created at the same time, each hit 5 times, all just used; 1k tokens must go. One slot
+of S costs ≈ 0.21 G + 69 k·500 ≈ 0.25 GFLOP, at twice A's rate: 0.49 (in units of A's rate); a slot
+in the first 1k of A costs ≈ 0.21 + 69 k·1.5 k ≈ 0.31 GFLOP; a slot in A's last 1k costs
+≈ 0.21 + 69 k·8.5 k ≈ 0.80 GFLOP. So cost-aware punches a hole at the START of A (or B),
+keeping S and the expensive tails, while lru-leaf drops a tail, which costs ~2.5× more
+per slot to recompute — and, the cache being prefix-closed, a returning request then
+recomputes the whole tail rather than a cheap hole.
+
+``benchmarks/simulate_eviction.py`` compares the two policies on traces; its table is
+in the README.
 """
 
 from __future__ import annotations
@@ -101,30 +109,33 @@ class CostAware:
     name = "cost-aware"
     partial = True
 
-    def __init__(self, cost: RecomputeCost):
+    def __init__(self, cost: RecomputeCost, tau: float = 32.0):
+        if tau <= 0:
+            raise ValueError("tau must be > 0")
         self.cost = cost
-        self.clock = 0.0
+        self.tau = tau
 
-    def priority(self, n: Node, chunk: int) -> float:
+    def priority(self, n: Node, chunk: int, now: int) -> float:
         """Of the part that would go: the node's head of ``chunk`` tokens (all of a shorter node)."""
         c = min(chunk, len(n.key))
-        return self.clock + max(n.hits, 1) * self.cost.span(n.start, n.start + c) / c
+        reuse = max(n.hits, 1) / (now - n.created + self.tau) * self.tau / (now - n.last_access + self.tau)
+        return reuse * self.cost.span(n.start, n.start + c) / c
 
     def victims(self, tree: HoleTree, num_tokens: int) -> Iterator[Node]:
         P = tree.page_size
         chunk = max(P, -(-num_tokens // P) * P)
         tie = itertools.count()
-        heap = [(self.priority(n, chunk), next(tie), n) for n in tree.nodes()
+        now = tree.now
+        heap = [(self.priority(n, chunk, now), next(tie), n) for n in tree.nodes()
                 if n.slots is not None and n.lock_ref == 0]
         heapq.heapify(heap)
         while heap:
-            prio, _, n = heapq.heappop(heap)
+            _, _, n = heapq.heappop(heap)
             if not _evictable(tree, n):
                 continue
-            self.clock = max(self.clock, prio)
             yield n
             if _evictable(tree, n):  # only its head was evicted; the rest stays a candidate
-                heapq.heappush(heap, (self.priority(n, chunk), next(tie), n))
+                heapq.heappush(heap, (self.priority(n, chunk, now), next(tie), n))
 
 
 def make_policy(name: str, cost_model: RecomputeCost | None = None) -> EvictionPolicy:

@@ -15,7 +15,7 @@ Eviction policies live in ``sglang_holes.eviction``.
 
 from __future__ import annotations
 
-import itertools
+from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -30,7 +30,7 @@ Segment = tuple[int, int, "torch.Tensor | None"]
 class Node:
     """One tree edge: ``key`` tokens starting at position ``start``; ``slots`` is None for a hole."""
 
-    __slots__ = ("children", "hits", "key", "last_access", "lock_ref", "parent", "slots", "start")
+    __slots__ = ("children", "created", "hits", "key", "last_access", "lock_ref", "parent", "slots", "start")
 
     def __init__(self, key: tuple[int, ...], start: int, slots: torch.Tensor | None, parent: Node | None):
         self.key = key
@@ -41,6 +41,7 @@ class Node:
         self.lock_ref = 0
         self.hits = 0
         self.last_access = 0
+        self.created = 0
 
     @property
     def end(self) -> int:
@@ -78,9 +79,11 @@ class InsertResult(NamedTuple):
 
 def _as_tokens(tokens: Sequence[int]) -> tuple[int, ...]:
     out = tuple(tokens)
-    for t in out:
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise TypeError(f"tokens must be ints, got {type(t).__name__} {t!r}")
+    try:
+        array("q", out)  # validates every element at C speed: match/insert stay O(tokens / page) in Python
+    except (TypeError, OverflowError):
+        bad = next(t for t in out if not isinstance(t, int) or not -(2**63) <= t < 2**63)
+        raise TypeError(f"tokens must be ints, got {type(bad).__name__} {bad!r}") from None
     return out
 
 
@@ -111,11 +114,15 @@ class HoleTree:
         self.policy: EvictionPolicy = make_policy(policy, cost_model)
         self.root = Node((), 0, torch.zeros(0, dtype=torch.int64), None)
         self.root.lock_ref = 1  # never evicted, never removed
-        self._clock = itertools.count(1)
+        self.now = 0  # logical clock: one tick per match or insert
         self.evictable_size = 0  # cached tokens in unlocked nodes
         self.protected_size = 0  # cached tokens in locked nodes
 
     # ------------------------------------------------------------------ helpers
+
+    def _tick(self) -> int:
+        self.now += 1
+        return self.now
 
     def _child_key(self, tokens: tuple[int, ...], pos: int) -> tuple[int, ...]:
         return tokens[pos : pos + self.page_size]
@@ -138,6 +145,7 @@ class HoleTree:
         assert parent is not None and 0 < at < len(node.key) and at % self.page_size == 0
         upper = Node(node.key[:at], node.start, None if node.slots is None else node.slots[:at], parent)
         upper.lock_ref, upper.hits, upper.last_access = node.lock_ref, node.hits, node.last_access
+        upper.created = node.created
         parent.children[self._child_key(node.key, 0)] = upper
         node.key = node.key[at:]
         node.start += at
@@ -206,7 +214,7 @@ class HoleTree:
         """
         toks = _as_tokens(tokens)
         path, _ = self._walk(toks)
-        now = next(self._clock)
+        now = self._tick()
         segments: list[Segment] = []
         handle_node = self.root
         for node in path:
@@ -243,7 +251,7 @@ class HoleTree:
         n = len(toks) - len(toks) % self.page_size
         rejected = [given[n:]]
         path, _ = self._walk(toks[:n])
-        now = next(self._clock)
+        now = self._tick()
         taken = 0
         for node in path:
             part = given[node.start : node.end]
@@ -258,7 +266,7 @@ class HoleTree:
         pos = last.end
         if pos < n:
             new = Node(toks[pos:n], pos, given[pos:n].clone(), last)
-            new.last_access, new.hits = now, 1  # computed for a request: used once
+            new.last_access, new.created, new.hits = now, now, 1  # computed for a request: used once
             last.children[self._child_key(new.key, 0)] = new
             self._add_size(new, +1)
             taken += n - pos
