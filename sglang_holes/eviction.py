@@ -51,7 +51,8 @@ from typing import TYPE_CHECKING, Protocol
 from sglang_holes.recompute_cost import SMOLLM2_135M, RecomputeCost
 
 if TYPE_CHECKING:
-    from sglang_holes.tree import HoleTree, Node
+    from sglang_holes.tree import HoleTree
+    from sglang_holes.tree_node import Node
 
 POLICIES = ("lru-leaf", "cost-aware")
 
