@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from sglang.srt.entrypoints.engine import Engine as SGLangEngine
-from sglang_holes.patches.launch import apply_engine_defaults
-from sglang_holes.patches.version import check_sglang_version
 
 from sglang_holes.model import resolve_model_path
+from sglang_holes.patches.launch import apply_engine_defaults
+from sglang_holes.patches.version import check_sglang_version
 
 
 class Engine(SGLangEngine):

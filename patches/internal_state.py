@@ -3,8 +3,9 @@
 An AFTER hook on ``SchedulerInternalStateController.get_internal_state`` adds a
 ``"sglang_holes"`` entry, computed inside the scheduler process. It is how a
 user (and the smoke test) sees that the plugin really was loaded by SGLang in the
-spawned scheduler, not only in the process that started it. Read-only: it adds
-one informational key and changes no behaviour.
+spawned scheduler, not only in the process that started it, and it reports the KV
+pool's accounting and the ``holes`` tree's ``check_integrity()`` (the debug view the
+tests use to prove no slot leaked). Read-only: it adds one key and changes no behaviour.
 """
 
 from __future__ import annotations
@@ -21,20 +22,50 @@ TARGET = (
 )
 
 
-def plugin_state() -> dict[str, Any]:
+def cache_state(scheduler: Any) -> dict[str, Any]:
+    """Pool accounting and, for the ``holes`` backend, the tree's integrity check.
+
+    ``available + evictable + protected`` equals ``pool_size`` when no request is
+    running; tests use it to prove that no slot leaked or was freed twice.
+    """
+    from sglang_holes.patches.radix_cache import HoleRadixCache
+
+    tree = getattr(scheduler, "tree_cache", None)
+    alloc = getattr(scheduler, "token_to_kv_pool_allocator", None)
+    out: dict[str, Any] = {"backend": type(tree).__name__}
+    if alloc is not None:
+        out["available"] = int(alloc.available_size())
+        out["pool_size"] = int(alloc.size)
+    if tree is not None:
+        out["evictable"] = int(tree.evictable_size())
+        out["protected"] = int(tree.protected_size())
+    if isinstance(tree, HoleRadixCache):
+        out["policy"] = tree.policy
+        try:
+            tree.check_integrity()
+            out["integrity"] = "ok"
+        except AssertionError as e:
+            out["integrity"] = f"FAILED: {e}"
+    return out
+
+
+def plugin_state(scheduler: Any = None) -> dict[str, Any]:
     from sglang.srt.platforms import current_platform
 
-    return {
+    state: dict[str, Any] = {
         "version": metadata.version("sglang-holes"),
         "pid": os.getpid(),
         "platform": type(current_platform).__name__,
     }
+    if scheduler is not None:
+        state["cache"] = cache_state(scheduler)
+    return state
 
 
-def _after_get_internal_state(result: Any, *_args: Any, **_kwargs: Any) -> Any:
+def _after_get_internal_state(result: Any, controller: Any = None, *_args: Any, **_kwargs: Any) -> Any:
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
-        state["sglang_holes"] = plugin_state()
+        state["sglang_holes"] = plugin_state(getattr(controller, "scheduler", None))
     return result
 
 

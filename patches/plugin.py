@@ -26,6 +26,15 @@ def load() -> None:
     except UnsupportedSGLangError as e:
         logger.error("sglang-holes plugin disabled: %s", e)
         return
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend
+
     from sglang_holes.patches import internal_state
 
     internal_state.register()
+
+    def holes_factory(ctx):  # imported on use: only a process that builds the cache pays for it
+        from sglang_holes.patches.radix_cache import factory
+
+        return factory(ctx)
+
+    register_radix_cache_backend("holes", holes_factory)

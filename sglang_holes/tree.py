@@ -153,7 +153,8 @@ class HoleTree:
         path, _ = self._walk(toks)
         now = self._tick()
         segments: list[Segment] = []
-        handle_node = self.root
+        handle_node = prefix_node = self.root
+        in_prefix = True
         for node in path:
             node.hits += 1
             node.last_access = now
@@ -164,6 +165,9 @@ class HoleTree:
                 segments.append((node.start, node.end, node.slots))
             if node.slots is not None:
                 handle_node = node
+            in_prefix = in_prefix and node.slots is not None
+            if in_prefix:
+                prefix_node = node
         end = path[-1].end if path else 0
         if end < len(toks):
             if segments and segments[-1][2] is None:
@@ -173,7 +177,7 @@ class HoleTree:
         missing = [(s, e) for s, e, sl in segments if sl is None]
         reused = sum(e - s for s, e, sl in segments if sl is not None)
         prefix = segments[0][1] if segments and segments[0][2] is not None else 0
-        return MatchResult(segments, missing, reused, prefix, TreeHandle(handle_node))
+        return MatchResult(segments, missing, reused, prefix, TreeHandle(handle_node), prefix_node)
 
     def insert(self, tokens: Sequence[int], slots: torch.Tensor | Sequence[int]) -> InsertResult:
         """Store ``slots`` (one per token) for ``tokens``: fill holes, add new nodes.

@@ -53,6 +53,7 @@ class MatchResult(NamedTuple):
     reused_tokens: int  # tokens whose KV is cached
     cached_prefix_len: int  # leading run of cached tokens (what stock SGLang would reuse)
     handle: TreeHandle
+    prefix_node: Node  # the node ending the leading cached run (the root if there is none)
 
 
 class InsertResult(NamedTuple):

@@ -36,9 +36,10 @@ def test_other_versions_are_refused():
 
 
 def test_plugin_disables_itself_on_another_version(monkeypatch, caplog):
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
     import sglang_holes.patches.plugin as plugin
     import sglang_holes.patches.version as v
-    from sglang.srt.plugins.hook_registry import HookRegistry
 
     monkeypatch.setattr(v, "installed_sglang_version", lambda: "0.4.0")
     before = {k: list(h) for k, h in HookRegistry._hooks.items()}

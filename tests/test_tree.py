@@ -185,3 +185,14 @@ def test_recompute_cost_formula():
     assert LLAMA3_8B.attention_flops_per_key == 4 * 32 * 128 * 32
     with pytest.raises(ValueError, match="intermediate_size"):
         RecomputeCost.from_config({"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1})
+
+
+def test_prefix_node_ends_the_leading_cached_run():
+    t = HoleTree()
+    t.insert(list(range(10)), list(range(10)))
+    assert t.match(list(range(10))).prefix_node.end == 10
+    t.evict_span(list(range(10)), 4, 6)
+    r = t.match(list(range(10)))
+    assert r.prefix_node.end == 4 and r.cached_prefix_len == 4 and r.handle.node.end == 10
+    t.evict_span(list(range(10)), 0, 2)
+    assert t.match(list(range(10))).prefix_node is t.root

@@ -1,0 +1,229 @@
+"""Radix cache backend ``holes``: SGLang's ``BasePrefixCache`` contract on top of ``HoleTree``.
+
+Selected with ``--radix-cache-backend holes`` (registered through SGLang's
+radix-cache registry by ``patches/plugin.py``). Eviction policy: server argument
+``--radix-eviction-policy`` is SGLang's own and does not apply here; set
+``SGLANG_HOLES_EVICTION_POLICY`` to ``lru-leaf`` (default, stock behaviour) or
+``cost-aware`` (may punch interior holes where recompute is cheapest; its FLOP
+constants come from the served model's config).
+
+What SGLang sees (this stage): the request's cached *prefix* — the leading run of
+cached tokens — exactly like stock SGLang, so outputs and ``cached_tokens`` equal
+stock. Requests whose cached path has holes further on are served through the stock
+path (recompute from the first hole), which stays correct.
+
+Slot ownership follows ``HoleTree``: the tree owns what it stores; ``checkpoint``
+inserts the request's row and frees exactly the slots the tree rejected (the
+identity-aware ``rejected_slots``: a slot the tree already owns at that position is
+never freed); ``evict`` returns slots to SGLang's allocator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import (
+    BasePrefixCache,
+    DecLockRefResult,
+    EvictParams,
+    EvictResult,
+    IncLockRefResult,
+    MatchPrefixParams,
+    MatchResult,
+    TreeLock,
+)
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+
+from sglang_holes.eviction import POLICIES
+from sglang_holes.recompute_cost import RecomputeCost
+from sglang_holes.tree import HoleTree, Node, TreeHandle
+
+logger = logging.getLogger("sglang_holes")
+
+BACKEND_NAME = "holes"
+POLICY_ENV = "SGLANG_HOLES_EVICTION_POLICY"
+
+
+def eviction_policy_from_env() -> str:
+    policy = os.environ.get(POLICY_ENV, "lru-leaf")
+    if policy not in POLICIES:
+        raise ValueError(f"{POLICY_ENV}={policy!r} is not a policy; expected one of {POLICIES}")
+    return policy
+
+
+class HoleRadixCache(BasePrefixCache):
+    """``HoleTree`` behind SGLang's prefix-cache interface (one tree per namespace)."""
+
+    def __init__(self, params: CacheInitParams, cost_model: RecomputeCost | None = None,
+                 policy: str | None = None) -> None:
+        if params.page_size != 1:
+            raise ValueError("the holes radix cache supports page_size=1 (--page-size 1) for now")
+        self.disable = params.disable
+        self.req_to_token_pool = params.req_to_token_pool
+        self.token_to_kv_pool_allocator = params.token_to_kv_pool_allocator
+        self.page_size = params.page_size
+        self.is_eagle = params.is_eagle
+        self.policy = policy or eviction_policy_from_env()
+        self.cost_model = cost_model
+        self.device = torch.device(getattr(self.token_to_kv_pool_allocator, "device", "cpu") or "cpu")
+        self.reset()
+
+    # ------------------------------------------------------------------ namespaces
+
+    def _tree(self, extra_key: Any = None, cache_salt: Any = None) -> HoleTree:
+        """The tree of one namespace: requests with another extra key or cache salt never share KV."""
+        ns = (extra_key, cache_salt)
+        tree = self._trees.get(ns)
+        if tree is None:
+            tree = HoleTree(page_size=self.page_size, policy=self.policy, cost_model=self.cost_model)
+            self._trees[ns] = tree
+            self._tree_of_root[id(tree.root)] = tree
+        return tree
+
+    def tree_of(self, node: Node) -> HoleTree:
+        while node.parent is not None:
+            node = node.parent
+        return self._tree_of_root[id(node)]
+
+    @staticmethod
+    def _tokens(key: Any) -> list[int]:
+        return list(key.raw_token_ids()[: len(key)]) if hasattr(key, "raw_token_ids") else list(key.token_ids)
+
+    # ------------------------------------------------------------------ BasePrefixCache
+
+    def reset(self) -> None:
+        self._trees: dict[tuple[Any, Any], HoleTree] = {}
+        self._tree_of_root: dict[int, HoleTree] = {}
+        self.root_node = self._tree().root
+        self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
+
+    def supports_prefix_sharing(self) -> bool:
+        return not self.disable
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        key = params.key
+        if self.disable or len(key) == 0:
+            return MatchResult(0, self.root_node, self.root_node, self.root_node)
+        tree = self._tree(getattr(key, "extra_key", None), getattr(key, "cache_salt", None))
+        result = tree.match(self._tokens(key))
+        node = result.prefix_node
+        return MatchResult(result.cached_prefix_len, node, node, node)
+
+    def path_device_indices(self, node: Node) -> torch.Tensor:
+        parts = []
+        while node.parent is not None:
+            if node.slots is None:
+                raise RuntimeError("path to a locked request node has a hole")
+            parts.append(node.slots)
+            node = node.parent
+        if not parts:
+            return self._empty
+        parts.reverse()
+        return torch.cat(parts).to(self.device)
+
+    def checkpoint(self, req: Any, *, up_to: int, **_: Any) -> None:
+        if self.disable:
+            return
+        kv = req.kv
+        row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
+        tokens = list(req.full_untruncated_fill_ids[:up_to])
+        key_len = len(tokens) - len(tokens) % self.page_size
+        tree = self._tree(req.extra_key, req.cache_salt)
+        values = row[:key_len].to(torch.int64).cpu()
+        result = tree.insert(tokens[:key_len], values)
+        if result.rejected_slots.numel():
+            # Duplicates of KV the tree already holds; the row is repointed below.
+            self.token_to_kv_pool_allocator.free(result.rejected_slots.to(row.device, dtype=row.dtype))
+        path = self.path_device_indices(result.handle.node)
+        assert path.numel() == key_len, (path.numel(), key_len)
+        start = kv.cache_protected_len
+        self.req_to_token_pool.write((kv.req_pool_idx, slice(start, key_len)), path[start:].to(row.dtype))
+        kv.cache_protected_len = key_len
+        self.unlock(req.lock)
+        req.lock = self.lock(result.handle.node)
+        req.last_node = result.handle.node
+
+    def evict(self, params: EvictParams) -> EvictResult:
+        """Evict by the policy inside each namespace's tree, largest evictable tree first."""
+        want = params.num_tokens
+        freed = 0
+        for tree in sorted(self._trees.values(), key=lambda t: -t.evictable_size):
+            if freed >= want:
+                break
+            n = min(want - freed, tree.evictable_size)
+            if n > 0:
+                slots = tree.evict(n)
+                self.token_to_kv_pool_allocator.free(slots.to(self.device))
+                freed += slots.numel()
+        return EvictResult(num_tokens_evicted=freed)
+
+    def lock(self, node: Any) -> TreeLock | None:
+        handle = TreeHandle(node)
+        self.tree_of(node).lock(handle)
+        return TreeLock(node, handle)  # the receipt is our handle
+
+    def unlock(self, lock: TreeLock | None) -> None:
+        if lock is not None:
+            self.tree_of(lock.node).unlock(lock.receipt)
+
+    def inc_lock_ref(self, node: Any) -> IncLockRefResult:
+        self.tree_of(node).lock(TreeHandle(node))
+        return IncLockRefResult(delta=0)
+
+    def dec_lock_ref(self, node: Any, params: Any = None) -> DecLockRefResult:
+        handle = TreeHandle(node)
+        handle.locks = 1
+        self.tree_of(node).unlock(handle)
+        return DecLockRefResult(delta=0)
+
+    def evictable_size(self) -> int:
+        return sum(t.evictable_size for t in self._trees.values())
+
+    def full_evictable_size(self) -> int:
+        return self.evictable_size()
+
+    def protected_size(self) -> int:
+        return sum(t.protected_size for t in self._trees.values())
+
+    def full_protected_size(self) -> int:
+        return self.protected_size()
+
+    def total_size(self) -> int:
+        return sum(t.total_size for t in self._trees.values())
+
+    def all_values_flatten(self) -> torch.Tensor:
+        parts = [t.owned_slots() for t in self._trees.values()]
+        return torch.cat(parts) if parts else self._empty
+
+    def pretty_print(self) -> None:
+        for ns, tree in self._trees.items():
+            print(f"namespace {ns}: {len(tree.nodes())} nodes, {tree.total_size} tokens "
+                  f"({tree.evictable_size} evictable, {tree.protected_size} locked)")
+
+    def check_integrity(self) -> None:
+        """Every tree's integrity, and no slot owned by two namespaces."""
+        for tree in self._trees.values():
+            tree.check_integrity()
+        owned = self.all_values_flatten()
+        assert owned.unique().numel() == owned.numel(), "a slot is owned by two namespaces"
+
+
+def factory(ctx: Any) -> HoleRadixCache:
+    """``TreeCacheBuildContext`` -> ``HoleRadixCache`` (the registry's factory signature)."""
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm:
+        raise ValueError("the holes radix cache does not support hybrid SWA/Mamba models yet")
+    if ctx.params.is_eagle:
+        raise ValueError("the holes radix cache does not support speculative decoding (EAGLE) yet")
+    if ctx.enable_hierarchical_cache:
+        raise ValueError("the holes radix cache does not support --enable-hierarchical-cache")
+    hf = getattr(ctx.model_config, "hf_text_config", None) or getattr(ctx.model_config, "hf_config", None)
+    cost = None
+    if hf is not None:
+        try:
+            cost = RecomputeCost.from_config(hf.to_dict())
+        except ValueError as e:
+            logger.warning("cost-aware eviction falls back to default FLOP constants: %s", e)
+    return HoleRadixCache(ctx.params, cost_model=cost)
