@@ -5,7 +5,8 @@
     sglang-holes version
 
 ``serve`` is SGLang's own HTTP server (``sglang.launch_server.run_server``) with:
-the pinned-version check; the embedded model when no ``--model-path`` is given (a
+the pinned-version check; ``--radix-cache-backend holes`` unless another is given;
+the embedded model when no ``--model-path`` is given (a
 given local folder is validated first); the plain-CPU defaults when there is no
 GPU; and a check that the port is free before anything heavy starts. Errors in
 what the user passed print one line and exit with status 2.
@@ -73,6 +74,8 @@ def prepare_serve_argv(argv: Sequence[str]) -> list[str]:
         i, value = found
         resolved = resolve_model_path(value)
         out[i] = resolved if out[i] == value else f"--model-path={resolved}"
+    if _flag_value(out, "--radix-cache-backend") is None:
+        out += ["--radix-cache-backend", "holes"]
     return apply_cli_defaults(out)
 
 

@@ -4,17 +4,22 @@ Differences from ``sglang.Engine``, each yielding to an explicit argument:
 * the SGLang version is checked first (another release is refused);
 * ``model_path`` defaults to the embedded SmolLM2-135M-Instruct (prepared on first use);
   a given local folder is validated before SGLang sees it;
-* without a GPU, the plain-CPU defaults of ``patches/launch.py`` apply.
+* without a GPU, the plain-CPU defaults of ``patches/launch.py`` apply;
+* ``radix_cache_backend`` defaults to ``holes`` (pass ``None`` for SGLang's own cache);
+* ``evict_span(input_ids, start, end)`` drops the KV of a span of a cached prompt.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sglang.srt.entrypoints.engine import Engine as SGLangEngine
 
 from sglang_holes.model import resolve_model_path
 from sglang_holes.patches.launch import apply_engine_defaults
+from sglang_holes.patches.radix_cache import BACKEND_NAME
+from sglang_holes.patches.rpc import EVICT_SPAN
 from sglang_holes.patches.version import check_sglang_version
 
 
@@ -25,5 +30,25 @@ class Engine(SGLangEngine):
         check_sglang_version()
         if "server_args" not in kwargs:
             kwargs["model_path"] = resolve_model_path(kwargs.get("model_path"))
+            kwargs.setdefault("radix_cache_backend", BACKEND_NAME)  # None selects SGLang's own cache
             kwargs = apply_engine_defaults(kwargs)
         super().__init__(**kwargs)
+
+    def evict_span(self, input_ids: list[int], start: int, end: int) -> int:
+        """Drop the KV of positions ``[start, end)`` of a cached prompt (half-open, token positions).
+
+        For external KV managers and tests. Returns how many tokens were freed (0 if the
+        span was already a hole). Raises ``ValueError`` for a prompt not in the cache, an
+        empty, reversed or out-of-range span, or KV locked by a running request; the
+        cache is then unchanged and the engine keeps serving.
+        """
+        import zmq
+        from sglang.srt.entrypoints.engine import sock_recv, sock_send
+        from sglang.srt.managers.io_struct import RpcReqInput
+
+        params = {"input_ids": [int(t) for t in input_ids], "start": start, "end": end}
+        sock_send(self.send_to_rpc, RpcReqInput(method=EVICT_SPAN, parameters=params))
+        reply = sock_recv(self.send_to_rpc, flags=zmq.BLOCKY)
+        if not reply.success:
+            raise ValueError(reply.message)
+        return int(json.loads(reply.message)["freed_tokens"])

@@ -41,6 +41,7 @@ def cache_state(scheduler: Any) -> dict[str, Any]:
         out["protected"] = int(tree.protected_size())
     if isinstance(tree, HoleRadixCache):
         out["policy"] = tree.policy
+        out["stats"] = dict(tree.stats)
         try:
             tree.check_integrity()
             out["integrity"] = "ok"

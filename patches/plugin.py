@@ -38,3 +38,10 @@ def load() -> None:
         return factory(ctx)
 
     register_radix_cache_backend("holes", holes_factory)
+
+    # Active only for servers that select --radix-cache-backend holes.
+    from sglang_holes.patches import attention_torch_native, extend_batch, rpc
+
+    extend_batch.register()
+    attention_torch_native.register()
+    rpc.register()

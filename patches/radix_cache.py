@@ -7,10 +7,13 @@ radix-cache registry by ``patches/plugin.py``). Eviction policy: server argument
 ``cost-aware`` (may punch interior holes where recompute is cheapest; its FLOP
 constants come from the served model's config).
 
-What SGLang sees (this stage): the request's cached *prefix* — the leading run of
-cached tokens — exactly like stock SGLang, so outputs and ``cached_tokens`` equal
-stock. Requests whose cached path has holes further on are served through the stock
-path (recompute from the first hole), which stays correct.
+What SGLang sees: the request's leading run of cached tokens as its prefix, exactly
+like stock SGLang; when KV exists beyond a hole, ``match_prefix`` also attaches the
+matched segments to the request and pins them, and the ``prepare_for_extend`` hook
+(``patches/extend_batch.py``) reuses them, so only the holes and the tail are
+recomputed, in one extend pass. That needs a hole-aware attention backend
+(torch_native today); with another backend, requests with holes take the stock path
+(recompute from the first hole), which stays correct.
 
 Slot ownership follows ``HoleTree``: the tree owns what it stores; ``checkpoint``
 inserts the request's row and frees exactly the slots the tree rejected (the
@@ -58,7 +61,7 @@ class HoleRadixCache(BasePrefixCache):
     """``HoleTree`` behind SGLang's prefix-cache interface (one tree per namespace)."""
 
     def __init__(self, params: CacheInitParams, cost_model: RecomputeCost | None = None,
-                 policy: str | None = None) -> None:
+                 policy: str | None = None, hole_extend: bool = False) -> None:
         if params.page_size != 1:
             raise ValueError("the holes radix cache supports page_size=1 (--page-size 1) for now")
         self.disable = params.disable
@@ -68,7 +71,14 @@ class HoleRadixCache(BasePrefixCache):
         self.is_eagle = params.is_eagle
         self.policy = policy or eviction_policy_from_env()
         self.cost_model = cost_model
+        # Whether the attention backend can run hole batches (torch_native today); if not,
+        # requests with holes take the stock path (recompute from the first hole).
+        self.hole_extend = hole_extend
         self.device = torch.device(getattr(self.token_to_kv_pool_allocator, "device", "cpu") or "cpu")
+        # req_pool_idx -> row spans holding slots borrowed from the tree (hole requests)
+        self.borrowed: dict[int, list[tuple[int, int]]] = {}
+        self.stats = {"hole_requests": 0, "hole_spans_filled": 0, "reused_tokens": 0,
+                      "recomputed_tokens": 0, "fallbacks": 0}
         self.reset()
 
     # ------------------------------------------------------------------ namespaces
@@ -109,8 +119,58 @@ class HoleRadixCache(BasePrefixCache):
             return MatchResult(0, self.root_node, self.root_node, self.root_node)
         tree = self._tree(getattr(key, "extra_key", None), getattr(key, "cache_salt", None))
         result = tree.match(self._tokens(key))
-        node = result.prefix_node
+        req = params.req
+        beyond = result.reused_tokens - result.cached_prefix_len
+        if beyond > 0 and req is not None and not self._room_for_holes(
+                len(key) + 1 - result.cached_prefix_len, result.reused_tokens):
+            # Admission still budgets (and allocates) every token after the prefix; if pinning the
+            # spans after the hole would leave too little room, take the stock path instead.
+            self.stats["fallbacks"] += 1
+            beyond = 0
+        if beyond > 0 and req is not None:
+            # KV beyond a hole: SGLang admits the leading run; the prepare_for_extend
+            # hook (patches/extend_batch.py) reuses the rest. The admission lock on the
+            # deepest cached node pins every reused span.
+            req.holes_match = (result.cached_prefix_len, result.segments)
+            node = result.handle.node
+        else:
+            if req is not None:
+                req.holes_match = None
+            node = result.prefix_node
         return MatchResult(result.cached_prefix_len, node, node, node)
+
+    def _room_for_holes(self, alloc: int, pinned: int) -> bool:
+        """Can ``alloc`` new slots still be found once ``pinned`` cached tokens are locked?"""
+        room = self.token_to_kv_pool_allocator.available_size() + self.evictable_size() - pinned
+        return room >= alloc
+
+    def prefix_device_indices(self, req: Any) -> torch.Tensor:
+        """Slots of the leading cached run ``[0, req.prefix_len)`` (the path may hold holes after it)."""
+        nodes = []
+        node = req.last_node
+        while node.parent is not None:
+            nodes.append(node)
+            node = node.parent
+        parts, total = [], 0
+        for n in reversed(nodes):
+            if total >= req.prefix_len or n.slots is None:
+                break
+            parts.append(n.slots)
+            total += len(n.key)
+        out = torch.cat(parts).to(self.device) if parts else self._empty
+        assert out.numel() >= req.prefix_len, (out.numel(), req.prefix_len)
+        return out[: req.prefix_len]
+
+    def free_kv_row(self, kv: Any, ranges: list[tuple[int, int]]) -> None:
+        """Free row ranges, never a borrowed span (the tree's slots a hole request reused)."""
+        borrowed = self.borrowed.get(kv.req_pool_idx)
+        if borrowed:
+            ranges = _subtract(ranges, borrowed)
+        super().free_kv_row(kv, ranges)
+
+    def on_release(self, req: Any, *, checkpointed: bool) -> None:
+        if req.kv.req_pool_idx is not None:
+            self.borrowed.pop(req.kv.req_pool_idx, None)
 
     def path_device_indices(self, node: Node) -> torch.Tensor:
         parts = []
@@ -179,6 +239,23 @@ class HoleRadixCache(BasePrefixCache):
         self.tree_of(node).unlock(handle)
         return DecLockRefResult(delta=0)
 
+    def evict_span(self, input_ids: list[int], start: int, end: int, extra_key: Any = None,
+                   cache_salt: Any = None) -> int:
+        """Drop the KV of positions ``[start, end)`` of a cached prompt; return how many slots were freed.
+
+        Raises ``ValueError`` (cache unchanged) for a prompt not in the cache, a span that is
+        empty, reversed or out of range, or KV locked by a running request.
+        """
+        if not isinstance(start, int) or not isinstance(end, int):
+            raise ValueError("start and end must be integers")
+        tree = self._trees.get((extra_key, cache_salt))
+        if tree is None:
+            raise ValueError("this prompt is not in the cache")
+        freed = tree.evict_span(list(input_ids), start, end)
+        if freed.numel():
+            self.token_to_kv_pool_allocator.free(freed.to(self.device))
+        return int(freed.numel())
+
     def evictable_size(self) -> int:
         return sum(t.evictable_size for t in self._trees.values())
 
@@ -211,6 +288,21 @@ class HoleRadixCache(BasePrefixCache):
         assert owned.unique().numel() == owned.numel(), "a slot is owned by two namespaces"
 
 
+def _subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Half-open ``ranges`` without the positions in ``minus`` (both ascending, disjoint)."""
+    out = []
+    for a, b in ranges:
+        for s, e in minus:
+            if e <= a or s >= b:
+                continue
+            if s > a:
+                out.append((a, s))
+            a = max(a, e)
+        if a < b:
+            out.append((a, b))
+    return out
+
+
 def factory(ctx: Any) -> HoleRadixCache:
     """``TreeCacheBuildContext`` -> ``HoleRadixCache`` (the registry's factory signature)."""
     if ctx.is_hybrid_swa or ctx.is_hybrid_ssm:
@@ -226,4 +318,10 @@ def factory(ctx: Any) -> HoleRadixCache:
             cost = RecomputeCost.from_config(hf.to_dict())
         except ValueError as e:
             logger.warning("cost-aware eviction falls back to default FLOP constants: %s", e)
-    return HoleRadixCache(ctx.params, cost_model=cost)
+    args = ctx.server_args
+    backends = {getattr(args, "attention_backend", None), getattr(args, "prefill_attention_backend", None)} - {None}
+    hole_extend = backends == {"torch_native"}
+    if not hole_extend:
+        logger.warning("holes radix cache: attention backend %s cannot run hole batches yet; requests with "
+                       "holes recompute from the first hole (correct, slower)", sorted(backends) or "default")
+    return HoleRadixCache(ctx.params, cost_model=cost, hole_extend=hole_extend)

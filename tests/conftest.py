@@ -30,10 +30,12 @@ def embedded_model() -> Path:
 
 @pytest.fixture(scope="session")
 def engine(embedded_model: Path) -> Iterator[object]:
-    """One real SGLang engine (CPU, torch_native, fp32) with sglang-holes, for the whole session."""
+    """One real SGLang engine (CPU, torch_native, fp32) with SGLang's OWN radix cache (the
+    reference for cold and stock runs), plugin loaded, for the whole session."""
     import sglang_holes
 
-    eng = sglang_holes.Engine(model_path=str(embedded_model), log_level="error", random_seed=0)
+    eng = sglang_holes.Engine(model_path=str(embedded_model), log_level="error", random_seed=0,
+                              radix_cache_backend=None)
     try:
         yield eng
     finally:

@@ -1,0 +1,104 @@
+"""Hole-aware torch_native attention backend (CPU).
+
+Registered over ``ATTENTION_BACKENDS["torch_native"]`` in SGLang's attention-backend
+registry; the factory returns the stock backend unless the server runs the ``holes``
+radix cache, so installing sglang-holes changes nothing for anyone else.
+
+For an extend batch that carries a ``HolePlan`` (``patches/extend_batch.py``) each layer
+writes the K/V of every missing token into its slot first, then computes attention for
+the compacted queries only, through ``sglang_holes.segmented_attention`` (the pure-torch
+reference: every query attends to its sequence's keys at positions <= its ORIGINAL
+position, O(m·n) instead of stock torch_native's O(n²) per request). Other batches take
+the stock code path unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from sglang.srt.layers.attention import attention_registry
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from sglang_holes.attention import segmented_attention
+from sglang_holes.plan import HolePlan
+
+
+def hole_plan_from_positions(
+    forward_batch: Any, req_to_token: torch.Tensor
+) -> tuple[HolePlan, list[torch.Tensor]] | None:
+    """The batch's ``HolePlan`` and slot table, or None when every request is a plain extend.
+
+    A request's queries sit at ``positions[start:end]``; for a plain extend those are
+    ``arange(prefix, seq)``, for a hole request the missing positions (runs = spans).
+    """
+    if forward_batch.extend_seq_lens_cpu is None:
+        return None
+    pos = forward_batch.positions.tolist()
+    seq_lens = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
+    holes, start, any_hole = [], 0, False
+    for n, m in zip(seq_lens, forward_batch.extend_seq_lens_cpu, strict=True):
+        p = pos[start : start + m]
+        start += m
+        spans: list[tuple[int, int]] = []
+        for x in p:
+            if spans and spans[-1][1] == x:
+                spans[-1] = (spans[-1][0], x + 1)
+            else:
+                spans.append((x, x + 1))
+        any_hole |= not (len(spans) <= 1 and (not spans or spans[0] == (n - m, n)))
+        holes.append(spans)
+    if not any_hole:
+        return None
+    table = [req_to_token[int(i), :n].to(torch.int64) for i, n in zip(forward_batch.req_pool_indices.tolist(), seq_lens,
+                                                              strict=True)]
+    return HolePlan.from_holes(seq_lens, holes), table
+
+
+class HoleTorchNativeAttnBackend(TorchNativeAttnBackend):
+    """Stock torch_native, plus one ``segmented_attention`` per layer for batches with holes."""
+
+    _hole: tuple[HolePlan, list[torch.Tensor]] | None = None
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        super().init_forward_metadata(forward_batch)
+        # Plan once per batch; every layer's forward_extend only consumes it.
+        self._hole = None
+        if forward_batch.forward_mode.is_extend():
+            self._hole = hole_plan_from_positions(forward_batch, self.req_to_token_pool.req_to_token)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if self._hole is None or layer.is_cross_attention:
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        plan, slot_table = self._hole
+        if save_kv_cache and k is not None and v is not None:
+            # Every hole's K/V is written before this layer attends (exactness invariant).
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
+            )
+        q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        window = getattr(layer, "sliding_window_size", None)
+        o = segmented_attention(
+            q_,
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            slot_table,
+            plan,
+            backend="reference",
+            sm_scale=layer.scaling,
+            logits_soft_cap=layer.logit_cap if getattr(layer, "logit_cap", 0) else None,
+            window_left=window if window is not None and window > -1 else -1,
+        )
+        return o.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+
+
+def register() -> None:
+    stock = attention_registry.ATTENTION_BACKENDS["torch_native"]
+
+    def create(runner: Any) -> Any:
+        if getattr(runner.server_args, "radix_cache_backend", None) == "holes":
+            return HoleTorchNativeAttnBackend(runner)
+        return stock(runner)
+
+    attention_registry.ATTENTION_BACKENDS["torch_native"] = create
