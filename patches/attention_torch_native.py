@@ -22,7 +22,7 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_holes.attention import segmented_attention
-from sglang_holes.plan import HolePlan
+from sglang_holes.plan import HolePlan, spans_from_positions
 
 
 def hole_plan_from_positions(
@@ -39,14 +39,8 @@ def hole_plan_from_positions(
     seq_lens = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
     holes, start, any_hole = [], 0, False
     for n, m in zip(seq_lens, forward_batch.extend_seq_lens_cpu, strict=True):
-        p = pos[start : start + m]
+        spans = spans_from_positions(pos[start : start + m])
         start += m
-        spans: list[tuple[int, int]] = []
-        for x in p:
-            if spans and spans[-1][1] == x:
-                spans[-1] = (spans[-1][0], x + 1)
-            else:
-                spans.append((x, x + 1))
         any_hole |= not (len(spans) <= 1 and (not spans or spans[0] == (n - m, n)))
         holes.append(spans)
     if not any_hole:

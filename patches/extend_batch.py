@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from sglang_holes.plan import spans_from_positions
+
 PREPARE = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
 INIT_NEW = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 
@@ -43,18 +45,6 @@ def _fallback_reason(req: Any) -> str | None:
             and req.logprob_start_len < len(req.origin_input_ids):
         return "input logprobs"
     return None
-
-
-def _runs(keep: torch.Tensor, offset: int) -> list[tuple[int, int]]:
-    """Half-open runs of True in ``keep``, shifted by ``offset``."""
-    idx = torch.nonzero(keep).flatten().tolist()
-    runs: list[tuple[int, int]] = []
-    for p in idx:
-        if runs and runs[-1][1] == p + offset:
-            runs[-1] = (runs[-1][0], p + offset + 1)
-        else:
-            runs.append((p + offset, p + offset + 1))
-    return runs
 
 
 def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> Any:
@@ -87,7 +77,6 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
     row_table = batch.req_to_token_pool.req_to_token
     new_ids, new_out, positions, surplus = [], [], [], []
     offset = 0
-    spans_per_req: list[list[tuple[int, int]] | None] = []
     for i, (req, plan) in enumerate(zip(reqs, plans, strict=True)):
         ext = batch.extend_lens[i]
         pre = batch.prefix_lens[i]
@@ -98,7 +87,6 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
             new_ids.append(ids_i)
             new_out.append(out_i)
             positions.append(torch.arange(pre, pre + ext, dtype=torch.int64))
-            spans_per_req.append(None)
             continue
         p0, segments = plan
         n = pre + ext
@@ -112,11 +100,12 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
             row[s:e] = slots.to(row.device, row.dtype)
             borrowed.append((s, e))
         surplus.append(out_i[~keep.to(out_i.device)])
-        missing = _runs(keep, p0)  # holes and the uncached tail (the last token is always here)
-        m = int(keep.sum())
+        pos_i = torch.arange(p0, n, dtype=torch.int64)[keep]
+        missing = spans_from_positions(pos_i.tolist())  # holes and the uncached tail (last token included)
+        m = pos_i.numel()
         new_ids.append(ids_i[keep])
         new_out.append(out_i[keep.to(out_i.device)])
-        positions.append(torch.arange(p0, n, dtype=torch.int64)[keep])
+        positions.append(pos_i)
         batch.extend_lens[i] = m
         batch.prefix_lens[i] = n - m
         batch.extend_logprob_start_lens[i] = m
@@ -127,7 +116,6 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
         tree.stats["hole_spans_filled"] += sum(1 for s, e in missing if e < n)
         tree.stats["reused_tokens"] += reused
         tree.stats["recomputed_tokens"] += m
-        spans_per_req.append(missing)
     if surplus:
         freed = torch.cat(surplus)
         if freed.numel():
@@ -136,7 +124,6 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
     batch.out_cache_loc = torch.cat(new_out)
     batch.extend_num_tokens = int(sum(batch.extend_lens))
     batch.hole_positions = torch.cat(positions)
-    batch.hole_spans = spans_per_req
     return result
 
 

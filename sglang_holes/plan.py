@@ -49,6 +49,17 @@ def spans_from_inclusive(bounds: Sequence[int]) -> list[Span]:
     return [(b[k], b[k + 1] + 1) for k in range(0, len(b), 2)]
 
 
+def spans_from_positions(positions: Sequence[int]) -> list[Span]:
+    """Half-open runs of consecutive positions: ``[2, 3, 4, 9]`` -> ``[(2, 5), (9, 10)]``."""
+    spans: list[Span] = []
+    for p in positions:
+        if spans and spans[-1][1] == p:
+            spans[-1] = (spans[-1][0], p + 1)
+        else:
+            spans.append((p, p + 1))
+    return spans
+
+
 def _validate(seq_lens: Sequence[int], holes: Sequence[Sequence[Span]], page_size: int) -> None:
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size must be a positive int, got {page_size!r}")

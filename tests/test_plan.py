@@ -170,3 +170,10 @@ def test_interpreter_rejects_wrong_mask_length():
     kw["custom_mask"] = kw["custom_mask"][:-1]
     with pytest.raises(ValueError, match="flashinfer#3176"):
         interpret_plan(**kw)
+
+
+def test_spans_from_positions():
+    from sglang_holes.plan import spans_from_positions
+
+    assert spans_from_positions([2, 3, 4, 9, 11, 12]) == [(2, 5), (9, 10), (11, 13)]
+    assert spans_from_positions([]) == []
