@@ -85,21 +85,3 @@ def reference_attention(
         keep = attention_scores_mask(plan.positions_of(i).to(q.device), L, window_left)
         out[a:b] = masked_attention(q[a:b], k_cache[slots], v_cache[slots], keep, scale, logits_soft_cap)
     return out
-
-
-def dense_causal_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    sm_scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    window_left: int = -1,
-) -> torch.Tensor:
-    """Full causal prefill of one sequence: ``q [n, Hq, D]``, ``k, v [n, Hkv, D]`` -> ``[n, Hq, D]``.
-
-    The ground truth hole filling must reproduce at the missing positions.
-    """
-    n = q.shape[0]
-    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
-    keep = attention_scores_mask(torch.arange(n, device=q.device), n, window_left)
-    return masked_attention(q, k, v, keep, scale, logits_soft_cap)
