@@ -59,6 +59,9 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
     for req in reqs:
         match = getattr(req, "holes_match", None)
         req.holes_match = None
+        if getattr(req, "holes_fallback", False):  # no room to pin its spans (see match_prefix)
+            req.holes_fallback = False
+            tree.stats["fallbacks"] += 1
         if match is None:
             plans.append(None)
             continue

@@ -125,8 +125,11 @@ class HoleRadixCache(BasePrefixCache):
                 len(key) + 1 - result.cached_prefix_len, result.reused_tokens):
             # Admission still budgets (and allocates) every token after the prefix; if pinning the
             # spans after the hole would leave too little room, take the stock path instead.
-            self.stats["fallbacks"] += 1
+            # Counted when the request is scheduled: a waiting request is matched every round.
+            req.holes_fallback = True
             beyond = 0
+        elif req is not None:
+            req.holes_fallback = False
         if beyond > 0 and req is not None:
             # KV beyond a hole: SGLang admits the leading run; the prepare_for_extend
             # hook (patches/extend_batch.py) reuses the rest. The admission lock on the
@@ -146,13 +149,8 @@ class HoleRadixCache(BasePrefixCache):
 
     def prefix_device_indices(self, req: Any) -> torch.Tensor:
         """Slots of the leading cached run ``[0, req.prefix_len)`` (the path may hold holes after it)."""
-        nodes = []
-        node = req.last_node
-        while node.parent is not None:
-            nodes.append(node)
-            node = node.parent
         parts, total = [], 0
-        for n in reversed(nodes):
+        for n in self._path(req.last_node):
             if total >= req.prefix_len or n.slots is None:
                 break
             parts.append(n.slots)
@@ -172,17 +170,23 @@ class HoleRadixCache(BasePrefixCache):
         if req.kv.req_pool_idx is not None:
             self.borrowed.pop(req.kv.req_pool_idx, None)
 
+    @staticmethod
+    def _path(node: Node) -> list[Node]:
+        """Nodes from the root (excluded) down to ``node``."""
+        nodes = []
+        while node.parent is not None:
+            nodes.append(node)
+            node = node.parent
+        nodes.reverse()
+        return nodes
+
     def path_device_indices(self, node: Node) -> torch.Tensor:
         parts = []
-        while node.parent is not None:
-            if node.slots is None:
+        for n in self._path(node):
+            if n.slots is None:
                 raise RuntimeError("path to a locked request node has a hole")
-            parts.append(node.slots)
-            node = node.parent
-        if not parts:
-            return self._empty
-        parts.reverse()
-        return torch.cat(parts).to(self.device)
+            parts.append(n.slots)
+        return torch.cat(parts).to(self.device) if parts else self._empty
 
     def checkpoint(self, req: Any, *, up_to: int, **_: Any) -> None:
         if self.disable:
