@@ -11,7 +11,6 @@ Differences from ``sglang.Engine``, each yielding to an explicit argument:
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from sglang.srt.entrypoints.engine import Engine as SGLangEngine
@@ -19,7 +18,7 @@ from sglang.srt.entrypoints.engine import Engine as SGLangEngine
 from sglang_holes.model import resolve_model_path
 from sglang_holes.patches.launch import apply_engine_defaults
 from sglang_holes.patches.radix_cache import BACKEND_NAME
-from sglang_holes.patches.rpc import EVICT_SPAN
+from sglang_holes.patches.rpc import call_evict_span, evict_span_params
 from sglang_holes.patches.version import check_sglang_version
 
 
@@ -42,13 +41,4 @@ class Engine(SGLangEngine):
         empty, reversed or out-of-range span, or KV locked by a running request; the
         cache is then unchanged and the engine keeps serving.
         """
-        import zmq
-        from sglang.srt.entrypoints.engine import sock_recv, sock_send
-        from sglang.srt.managers.io_struct import RpcReqInput
-
-        params = {"input_ids": [int(t) for t in input_ids], "start": start, "end": end}
-        sock_send(self.send_to_rpc, RpcReqInput(method=EVICT_SPAN, parameters=params))
-        reply = sock_recv(self.send_to_rpc, flags=zmq.BLOCKY)
-        if not reply.success:
-            raise ValueError(reply.message)
-        return int(json.loads(reply.message)["freed_tokens"])
+        return call_evict_span(self.send_to_rpc, evict_span_params(input_ids, start, end))

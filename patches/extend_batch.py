@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from sglang_holes.patches.meta_info import record_recomputed
 from sglang_holes.plan import spans_from_positions
 
 PREPARE = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
@@ -61,18 +62,21 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
         req.holes_match = None
         if getattr(req, "holes_fallback", False):  # no room to pin its spans (see match_prefix)
             req.holes_fallback = False
-            tree.stats["fallbacks"] += 1
+            tree.count("fallbacks")
         if match is None:
             plans.append(None)
             continue
         p0, segments = match
         reason = _fallback_reason(req) if tree.hole_extend else "attention backend"
         if reason is not None or req.prefix_len != p0:
-            tree.stats["fallbacks"] += 1
+            tree.count("fallbacks")
             plans.append(None)
             continue
         plans.append((p0, segments))
     if not any(plans):
+        for i, req in enumerate(reqs):
+            pre = batch.prefix_lens[i]
+            record_recomputed(req, [(pre, pre + batch.extend_lens[i])])
         return result
 
     ids_cpu = batch.prefill_input_ids_cpu
@@ -90,6 +94,7 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
             new_ids.append(ids_i)
             new_out.append(out_i)
             positions.append(torch.arange(pre, pre + ext, dtype=torch.int64))
+            record_recomputed(req, [(pre, pre + ext)])
             continue
         p0, segments = plan
         n = pre + ext
@@ -115,10 +120,11 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
         reused = n - m
         req.cached_tokens += reused - p0
         tree.borrowed[req.kv.req_pool_idx] = borrowed
-        tree.stats["hole_requests"] += 1
-        tree.stats["hole_spans_filled"] += sum(1 for s, e in missing if e < n)
-        tree.stats["reused_tokens"] += reused
-        tree.stats["recomputed_tokens"] += m
+        record_recomputed(req, missing)
+        tree.count("hole_requests")
+        tree.count("hole_spans_filled", sum(1 for s, e in missing if e < n))
+        tree.count("reused_tokens", reused)
+        tree.count("recomputed_tokens", m)
     if surplus:
         freed = torch.cat(surplus)
         if freed.numel():

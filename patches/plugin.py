@@ -40,8 +40,10 @@ def load() -> None:
     register_radix_cache_backend("holes", holes_factory)
 
     # Active only for servers that select --radix-cache-backend holes.
-    from sglang_holes.patches import attention_torch_native, extend_batch, rpc
+    from sglang_holes.patches import attention_torch_native, extend_batch, http_routes, meta_info, rpc
 
     extend_batch.register()
     attention_torch_native.register()
     rpc.register()
+    meta_info.register()
+    http_routes.register()

@@ -41,6 +41,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
 from sglang_holes.eviction import POLICIES
+from sglang_holes.patches.metrics import COUNTERS, HoleMetrics
 from sglang_holes.recompute_cost import RecomputeCost
 from sglang_holes.tree import HoleTree, Node, TreeHandle
 
@@ -61,7 +62,7 @@ class HoleRadixCache(BasePrefixCache):
     """``HoleTree`` behind SGLang's prefix-cache interface (one tree per namespace)."""
 
     def __init__(self, params: CacheInitParams, cost_model: RecomputeCost | None = None,
-                 policy: str | None = None, hole_extend: bool = False) -> None:
+                 policy: str | None = None, hole_extend: bool = False, metrics: HoleMetrics | None = None) -> None:
         if params.page_size != 1:
             raise ValueError("the holes radix cache supports page_size=1 (--page-size 1) for now")
         self.disable = params.disable
@@ -77,9 +78,15 @@ class HoleRadixCache(BasePrefixCache):
         self.device = torch.device(getattr(self.token_to_kv_pool_allocator, "device", "cpu") or "cpu")
         # req_pool_idx -> row spans holding slots borrowed from the tree (hole requests)
         self.borrowed: dict[int, list[tuple[int, int]]] = {}
-        self.stats = {"hole_requests": 0, "hole_spans_filled": 0, "reused_tokens": 0,
-                      "recomputed_tokens": 0, "fallbacks": 0}
+        self.stats = dict.fromkeys(COUNTERS, 0)
+        self.metrics = metrics
         self.reset()
+
+    def count(self, key: str, amount: int = 1) -> None:
+        """Add to one of ``stats`` (and its Prometheus counter with ``--enable-metrics``)."""
+        self.stats[key] += amount
+        if self.metrics is not None:
+            self.metrics.inc(key, amount)
 
     # ------------------------------------------------------------------ namespaces
 
@@ -328,4 +335,7 @@ def factory(ctx: Any) -> HoleRadixCache:
     if not hole_extend:
         logger.warning("holes radix cache: attention backend %s cannot run hole batches yet; requests with "
                        "holes recompute from the first hole (correct, slower)", sorted(backends) or "default")
-    return HoleRadixCache(ctx.params, cost_model=cost, hole_extend=hole_extend)
+    metrics = None
+    if getattr(args, "enable_metrics", False):
+        metrics = HoleMetrics(args.served_model_name or args.model_path)
+    return HoleRadixCache(ctx.params, cost_model=cost, hole_extend=hole_extend, metrics=metrics)

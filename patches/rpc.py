@@ -38,3 +38,32 @@ def _around_rpc(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwar
 
 def register() -> None:
     HookRegistry.register(TARGET, _around_rpc, HookType.AROUND)
+
+
+def evict_span_params(input_ids: Any, start: Any, end: Any) -> dict[str, Any]:
+    """Validate the request shape on the caller's side (the scheduler checks the span itself)."""
+    if not isinstance(input_ids, list | tuple) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in input_ids):
+        raise ValueError("input_ids must be a list of token ids (integers)")
+    for name, value in (("start", start), ("end", end)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    return {"input_ids": [int(t) for t in input_ids], "start": start, "end": end}
+
+
+def call_evict_span(sock: Any, params: dict[str, Any], timeout_s: float = 60.0) -> int:
+    """Send ``sglang_holes.evict_span`` on a DEALER socket bound to SGLang's RPC endpoint.
+
+    Returns the freed token count; raises ``ValueError`` with the scheduler's message for
+    bad input and ``TimeoutError`` if the scheduler does not answer in ``timeout_s``.
+    """
+    import zmq
+    from sglang.srt.managers.io_struct import RpcReqInput, sock_recv, sock_send
+
+    sock_send(sock, RpcReqInput(method=EVICT_SPAN, parameters=params))
+    if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+        raise TimeoutError(f"the scheduler did not answer {EVICT_SPAN} within {timeout_s:.0f} s")
+    reply = sock_recv(sock)
+    if not reply.success:
+        raise ValueError(reply.message)
+    return int(json.loads(reply.message)["freed_tokens"])

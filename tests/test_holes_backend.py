@@ -70,6 +70,9 @@ def test_no_holes_behaves_exactly_like_stock(engine, holes_engine):
         b = holes_engine.generate(prompt=p, sampling_params=SAMPLING)
         assert b["output_ids"] == a["output_ids"], p
         assert b["meta_info"]["cached_tokens"] == a["meta_info"]["cached_tokens"], p
+        n, cached = b["meta_info"]["prompt_tokens"], b["meta_info"]["cached_tokens"]
+        assert b["meta_info"]["recomputed_tokens"] == n - cached, p
+        assert b["meta_info"]["hole_spans"] == [[cached, n]], p
     assert _cache(holes_engine)["integrity"] == "ok"
 
 
@@ -139,10 +142,12 @@ def _ids(tokenizer, n: int, seed: int) -> list[int]:
     return ids[:n]
 
 
-def _cover(spans: list[tuple[int, int]], n: int) -> int:
-    """Tokens a request recomputes: the holes inside [0, n-1) and the last token (always)."""
-    pos = {p for s, e in spans for p in range(s, min(e, n - 1))}
-    return len(pos) + 1
+def _cover(spans: list[tuple[int, int]], n: int) -> list[list[int]]:
+    """Spans a request recomputes: the holes inside [0, n-1) and the last token (always), merged."""
+    from sglang_holes.plan import spans_from_positions
+
+    pos = {p for s, e in spans for p in range(s, min(e, n - 1))} | {n - 1}
+    return [list(span) for span in spans_from_positions(sorted(pos))]
 
 
 @pytest.mark.parametrize(
@@ -165,7 +170,10 @@ def test_evicted_spans_are_recomputed_exactly(engine, holes_engine, tokenizer, n
     got = holes_engine.generate(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
     after = _cache(holes_engine)["stats"]
     _compare(got, _cold(engine, ids))
-    recomputed = _cover(spans, n)
+    hole_spans = _cover(spans, n)
+    recomputed = sum(e - s for s, e in hole_spans)
+    assert got["meta_info"]["hole_spans"] == hole_spans
+    assert got["meta_info"]["recomputed_tokens"] == recomputed
     assert after["hole_requests"] == before["hole_requests"] + 1
     assert after["recomputed_tokens"] - before["recomputed_tokens"] == recomputed
     assert got["meta_info"]["cached_tokens"] == n - recomputed

@@ -1,0 +1,66 @@
+"""Per-request ``meta_info`` fields: ``recomputed_tokens`` and ``hole_spans``.
+
+They travel through SGLang's ``customized_info`` channel (scheduler -> detokenizer ->
+tokenizer manager), as request-level values: the scheduler's output streamer emits
+them once per request (non-streaming: with the final output; streaming: with the
+first chunk), and the tokenizer manager writes them into ``meta_info``:
+
+* ``recomputed_tokens`` (int): prompt tokens this request computed (holes + uncached tail);
+* ``hole_spans`` (list of ``[start, end)`` pairs, prompt positions, ascending): the
+  spans it computed. A request without holes has one span ``[cached_tokens, n)``.
+
+Together with SGLang's ``cached_tokens`` (every reused token, holes excluded):
+``cached_tokens + recomputed_tokens == prompt_tokens``. Set only by servers running
+the ``holes`` radix cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+RECOMPUTED = "recomputed_tokens"
+SPANS = "hole_spans"
+KEYS = (RECOMPUTED, SPANS)
+
+IS_REQUEST_LEVEL = ("sglang.srt.managers.scheduler_components.output_streamer."
+                    "SchedulerOutputStreamer.is_request_level_customized_info_key")
+UPDATE_META = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info"
+
+
+def record_recomputed(req: Any, spans: list[tuple[int, int]]) -> None:
+    """Record the prompt spans one extend of ``req`` computes (half-open, prompt positions).
+
+    A chunked prefill's next chunk continues the previous spans; any other extend of the
+    same request (a retracted request prefilled again) replaces them.
+    """
+    spans = [[s, e] for s, e in spans if e > s]
+    info = req.customized_info if req.customized_info is not None else {}
+    prev = info.get(SPANS)
+    if prev and spans and prev[-1][1] == spans[0][0]:
+        prev[-1][1] = spans[0][1]
+        spans = prev + spans[1:]
+    info[SPANS] = spans
+    info[RECOMPUTED] = [sum(e - s for s, e in spans)]
+    req.customized_info = info
+
+
+def _around_is_request_level(original: Any, streamer: Any, key: str) -> bool:
+    return key in KEYS or original(streamer, key)
+
+
+def _around_update_meta(original: Any, manager: Any, meta_info: dict, state: Any, customized_info: dict,
+                        index: int, finish_reason: Any) -> None:
+    ours = {k: customized_info[k][index] for k in KEYS if k in customized_info}
+    rest = {k: v for k, v in customized_info.items() if k not in KEYS}
+    if rest:
+        original(manager, meta_info, state, rest, index, finish_reason)
+    if ours.get(RECOMPUTED):  # [] for another request of the same output batch
+        meta_info[RECOMPUTED] = int(ours[RECOMPUTED][0])
+        meta_info[SPANS] = [list(span) for span in ours.get(SPANS, [])]
+
+
+def register() -> None:
+    HookRegistry.register(IS_REQUEST_LEVEL, _around_is_request_level, HookType.AROUND)
+    HookRegistry.register(UPDATE_META, _around_update_meta, HookType.AROUND)
