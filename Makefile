@@ -1,5 +1,6 @@
 # sglang-holes: two commands do all set-up on a fresh machine.
-#   make serve  [PORT=30000] [MODEL=/path/to/hf-folder]   SGLang HTTP server with sglang-holes
+#   make serve  [PORT=30000] [MODEL=/path/to/hf-folder] [ARGS="--enable-metrics ..."]
+#                                                        SGLang HTTP server with sglang-holes
 #   make test                                            ruff + the whole pytest suite
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -26,7 +27,7 @@ model: install
 	$(BIN)/sglang-holes prepare-model
 
 serve: install
-	$(BIN)/sglang-holes serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model-path $(MODEL))
+	$(BIN)/sglang-holes serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model-path $(MODEL)) $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

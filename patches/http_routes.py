@@ -19,6 +19,8 @@ import asyncio
 import threading
 from typing import Any
 
+from fastapi import Request  # module level: FastAPI resolves the (string) annotation here
+from fastapi.responses import ORJSONResponse
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from sglang_holes.patches.rpc import call_evict_span, evict_span_params
@@ -29,8 +31,6 @@ ROUTE = "/holes/evict"
 
 def add_evict_route(app: Any, rpc_endpoint: str) -> None:
     import zmq
-    from fastapi import Request
-    from fastapi.responses import ORJSONResponse
     from sglang.srt.utils.network import get_zmq_socket
 
     sock = get_zmq_socket(zmq.Context(1), zmq.DEALER, rpc_endpoint, True)

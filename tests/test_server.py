@@ -38,13 +38,13 @@ def _session_procs(sid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.engine
-def test_make_serve_answers_and_shuts_down_cleanly(embedded_model: Path):
+def test_make_serve_answers_and_shuts_down_cleanly(embedded_model: Path, tokenizer):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        ["make", "--no-print-directory", "serve", f"PORT={port}"],
+        ["make", "--no-print-directory", "serve", f"PORT={port}", "ARGS=--enable-metrics"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # its own session: we can find every process it started
     )
@@ -74,6 +74,7 @@ def test_make_serve_answers_and_shuts_down_cleanly(embedded_model: Path):
         assert r.json()["usage"]["completion_tokens"] > 0
         info = requests.get(f"{base}/get_server_info", timeout=10).json()
         assert info["internal_states"][0]["sglang_holes"]["pid"] != proc.pid
+        _check_holes_over_http(base, tokenizer)
     finally:
         sid = proc.pid
         os.killpg(sid, signal.SIGINT)  # what Ctrl-C in the terminal of `make serve` sends
@@ -93,6 +94,50 @@ def test_make_serve_answers_and_shuts_down_cleanly(embedded_model: Path):
     from sglang_holes.patches.cli import check_port_free
 
     check_port_free("127.0.0.1", port)
+
+
+def _check_holes_over_http(base: str, tokenizer) -> None:
+    """POST /holes/evict, the hole fields of /generate's meta_info, bad input, Prometheus counters."""
+    text = " ".join(f"Line {i}: the {i}th parcel weighs {7 * i % 23} kilograms." for i in range(30))
+    ids = tokenizer(text)["input_ids"][:200]
+    sampling = {"max_new_tokens": 4, "temperature": 0}
+    first = requests.post(f"{base}/generate", json={"input_ids": ids, "sampling_params": sampling}).json()
+    r = requests.post(f"{base}/holes/evict", json={"input_ids": ids, "start": 50, "end": 80})
+    assert r.status_code == 200 and r.json() == {"freed_tokens": 30}, r.text
+    out = requests.post(f"{base}/generate", json={"input_ids": ids, "sampling_params": sampling}).json()
+    meta = out["meta_info"]
+    assert out["output_ids"] == first["output_ids"]
+    assert meta["hole_spans"] == [[50, 80], [199, 200]], meta
+    assert (meta["recomputed_tokens"], meta["cached_tokens"]) == (31, 169), meta
+
+    def cache() -> dict:
+        return requests.get(f"{base}/get_server_info", timeout=10).json()["internal_states"][0]["sglang_holes"]["cache"]
+
+    before = cache()
+    for body, msg in [({"input_ids": ids, "start": 80, "end": 50}, "empty, reversed"),
+                      ({"input_ids": ids, "start": 0, "end": 999}, "outside"),
+                      ({"input_ids": [*ids[:20], 1, 2, 3], "start": 0, "end": 23}, "not in the cache"),
+                      ({"input_ids": ids, "start": "0", "end": 5}, "must be an integer"),
+                      ({"input_ids": "hello", "start": 0, "end": 5}, "list of token ids"),
+                      ({"input_ids": ids, "start": 0, "end": 5, "stop": 1}, "unknown fields"),
+                      ([1, 2], "JSON object")]:
+        r = requests.post(f"{base}/holes/evict", json=body)
+        assert r.status_code == 400 and msg in r.json()["error"], (body, r.text)
+    r = requests.post(f"{base}/holes/evict", data="{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    after = cache()
+    assert after["integrity"] == "ok"
+    assert (after["available"], after["evictable"]) == (before["available"], before["evictable"])
+    again = requests.post(f"{base}/generate", json={"input_ids": ids, "sampling_params": sampling}).json()
+    assert again["meta_info"]["cached_tokens"] == 199  # still serving, cache intact
+
+    metrics = requests.get(f"{base}/metrics", timeout=10).text
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("sglang_holes:")}
+    assert values["sglang_holes:hole_requests_total"] >= 1, metrics
+    assert values["sglang_holes:hole_spans_filled_total"] >= 1
+    assert values["sglang_holes:recomputed_tokens_total"] >= 31
+    assert values["sglang_holes:reused_tokens_total"] >= 169
 
 
 def _run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
