@@ -16,56 +16,36 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from sglang.srt.layers.attention import attention_registry
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_holes.attention import segmented_attention
-from sglang_holes.plan import HolePlan, spans_from_positions
-
-
-def hole_plan_from_positions(
-    forward_batch: Any, req_to_token: torch.Tensor
-) -> tuple[HolePlan, list[torch.Tensor]] | None:
-    """The batch's ``HolePlan`` and slot table, or None when every request is a plain extend.
-
-    A request's queries sit at ``positions[start:end]``; for a plain extend those are
-    ``arange(prefix, seq)``, for a hole request the missing positions (runs = spans).
-    """
-    if forward_batch.extend_seq_lens_cpu is None:
-        return None
-    pos = forward_batch.positions.tolist()
-    seq_lens = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
-    holes, start, any_hole = [], 0, False
-    for n, m in zip(seq_lens, forward_batch.extend_seq_lens_cpu, strict=True):
-        spans = spans_from_positions(pos[start : start + m])
-        start += m
-        any_hole |= not (len(spans) <= 1 and (not spans or spans[0] == (n - m, n)))
-        holes.append(spans)
-    if not any_hole:
-        return None
-    table = [req_to_token[int(i), :n].to(torch.int64) for i, n in zip(forward_batch.req_pool_indices.tolist(), seq_lens,
-                                                              strict=True)]
-    return HolePlan.from_holes(seq_lens, holes), table
+from sglang_holes.patches.forward_plan import BatchHolePlan, hole_plan_from_positions, mode_from_env
 
 
 class HoleTorchNativeAttnBackend(TorchNativeAttnBackend):
     """Stock torch_native, plus one ``segmented_attention`` per layer for batches with holes."""
 
-    _hole: tuple[HolePlan, list[torch.Tensor]] | None = None
+    _hole: BatchHolePlan | None = None
+
+    def __init__(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model_runner, *args, **kwargs)
+        # prefix-only (benchmark baseline): every extend takes the hole attention code.
+        self._every_extend = mode_from_env() == "prefix-only"
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
         # Plan once per batch; every layer's forward_extend only consumes it.
         self._hole = None
         if forward_batch.forward_mode.is_extend():
-            self._hole = hole_plan_from_positions(forward_batch, self.req_to_token_pool.req_to_token)
+            self._hole = hole_plan_from_positions(forward_batch, self.req_to_token_pool.req_to_token,
+                                                  always=self._every_extend)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         if self._hole is None or layer.is_cross_attention:
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        plan, slot_table = self._hole
+        plan, slot_table = self._hole.plan, self._hole.slot_table
         if save_kv_cache and k is not None and v is not None:
             # Every hole's K/V is written before this layer attends (exactness invariant).
             self.token_to_kv_pool.set_kv_buffer(

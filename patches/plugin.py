@@ -45,5 +45,23 @@ def load() -> None:
     extend_batch.register()
     attention_torch_native.register()
     rpc.register()
+    _register_flashinfer()
     meta_info.register()
     http_routes.register()
+
+
+def _register_flashinfer() -> None:
+    from sglang.srt.layers.attention import attention_registry
+
+    stock = attention_registry.ATTENTION_BACKENDS.get("flashinfer")
+    if stock is None:
+        return
+
+    def create(runner):
+        if getattr(runner.server_args, "radix_cache_backend", None) == "holes":
+            from sglang_holes.patches.attention_flashinfer import HoleFlashInferAttnBackend
+
+            return HoleFlashInferAttnBackend(runner)
+        return stock(runner)
+
+    attention_registry.ATTENTION_BACKENDS["flashinfer"] = create

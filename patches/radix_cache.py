@@ -41,6 +41,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
 from sglang_holes.eviction import POLICIES
+from sglang_holes.patches.forward_plan import mode_from_env
 from sglang_holes.patches.metrics import COUNTERS, HoleMetrics
 from sglang_holes.recompute_cost import RecomputeCost
 from sglang_holes.tree import HoleTree, Node, TreeHandle
@@ -62,7 +63,8 @@ class HoleRadixCache(BasePrefixCache):
     """``HoleTree`` behind SGLang's prefix-cache interface (one tree per namespace)."""
 
     def __init__(self, params: CacheInitParams, cost_model: RecomputeCost | None = None,
-                 policy: str | None = None, hole_extend: bool = False, metrics: HoleMetrics | None = None) -> None:
+                 policy: str | None = None, hole_extend: bool = False, metrics: HoleMetrics | None = None,
+                 prefix_only: bool = False) -> None:
         if params.page_size != 1:
             raise ValueError("the holes radix cache supports page_size=1 (--page-size 1) for now")
         self.disable = params.disable
@@ -75,6 +77,8 @@ class HoleRadixCache(BasePrefixCache):
         # Whether the attention backend can run hole batches (torch_native today); if not,
         # requests with holes take the stock path (recompute from the first hole).
         self.hole_extend = hole_extend
+        # Benchmark baseline (SGLANG_HOLES_MODE=prefix-only): reuse the leading cached run only.
+        self.prefix_only = prefix_only
         self.device = torch.device(getattr(self.token_to_kv_pool_allocator, "device", "cpu") or "cpu")
         # req_pool_idx -> row spans holding slots borrowed from the tree (hole requests)
         self.borrowed: dict[int, list[tuple[int, int]]] = {}
@@ -127,7 +131,7 @@ class HoleRadixCache(BasePrefixCache):
         tree = self._tree(getattr(key, "extra_key", None), getattr(key, "cache_salt", None))
         result = tree.match(self._tokens(key))
         req = params.req
-        beyond = result.reused_tokens - result.cached_prefix_len
+        beyond = 0 if self.prefix_only else result.reused_tokens - result.cached_prefix_len
         if beyond > 0 and req is not None and not self._room_for_holes(
                 len(key) + 1 - result.cached_prefix_len, result.reused_tokens):
             # Admission still budgets (and allocates) every token after the prefix; if pinning the
@@ -314,6 +318,26 @@ def _subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> li
     return out
 
 
+HOLE_BACKENDS = ("torch_native", "flashinfer")
+
+
+def _why_no_hole_batches(ctx: Any, hf: Any) -> str | None:
+    """Why this server's attention backend cannot run hole batches, or None if it can."""
+    args = ctx.server_args
+    backends = {getattr(args, "attention_backend", None), getattr(args, "prefill_attention_backend", None)} - {None}
+    if not backends or not backends <= set(HOLE_BACKENDS):
+        return f"attention backend {sorted(backends) or 'default'} cannot run hole batches (only {HOLE_BACKENDS})"
+    if "flashinfer" in backends:
+        # SGLang's FlashInfer backend needs several wrappers for these; hole batches use one.
+        if hf is not None and getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", True):
+            return "FlashInfer hole batches do not support sliding-window models yet"
+        if getattr(ctx.model_config, "is_encoder_decoder", False):
+            return "FlashInfer hole batches do not support encoder-decoder models"
+        if "fp4" in str(getattr(args, "kv_cache_dtype", "")):
+            return "FlashInfer hole batches do not support an FP4 KV cache"
+    return None
+
+
 def factory(ctx: Any) -> HoleRadixCache:
     """``TreeCacheBuildContext`` -> ``HoleRadixCache`` (the registry's factory signature)."""
     if ctx.is_hybrid_swa or ctx.is_hybrid_ssm:
@@ -330,12 +354,12 @@ def factory(ctx: Any) -> HoleRadixCache:
         except ValueError as e:
             logger.warning("cost-aware eviction falls back to default FLOP constants: %s", e)
     args = ctx.server_args
-    backends = {getattr(args, "attention_backend", None), getattr(args, "prefill_attention_backend", None)} - {None}
-    hole_extend = backends == {"torch_native"}
-    if not hole_extend:
-        logger.warning("holes radix cache: attention backend %s cannot run hole batches yet; requests with "
-                       "holes recompute from the first hole (correct, slower)", sorted(backends) or "default")
+    reason = _why_no_hole_batches(ctx, hf)
+    if reason is not None:
+        logger.warning("holes radix cache: %s; requests with holes recompute from the first hole (correct, "
+                       "slower)", reason)
     metrics = None
     if getattr(args, "enable_metrics", False):
         metrics = HoleMetrics(args.served_model_name or args.model_path)
-    return HoleRadixCache(ctx.params, cost_model=cost, hole_extend=hole_extend, metrics=metrics)
+    return HoleRadixCache(ctx.params, cost_model=cost, hole_extend=reason is None, metrics=metrics,
+                          prefix_only=mode_from_env() == "prefix-only")

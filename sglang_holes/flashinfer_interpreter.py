@@ -26,7 +26,7 @@ kernel does, from ../shared/docs/flashinfer-0.7.2.md (read from the 0.7.2 source
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -190,11 +190,36 @@ class InterpretedPrefillWrapper:
 
     begin_forward = plan
 
-    def run(self, q: torch.Tensor, paged_kv_cache: Any, *_: Any, **__: Any) -> torch.Tensor:
+    def run(self, q: torch.Tensor, paged_kv_cache: Any, *_: Any, k_scale: float | None = None,
+            v_scale: float | None = None, **__: Any) -> torch.Tensor:
+        """``run``: a 5-D ``[pages, 2, P, H, D]`` cache or a ``(k, v)`` pair of 4-D ``[pages, P, H, D]``
+        or 3-D ``[slots, H, D]`` (page_size 1, as SGLang passes it) NHD caches. ``k_scale``
+        multiplies ``sm_scale``, ``v_scale`` the output (0.7.2 ``prefill.py`` run())."""
         if self._plan is None:
             raise RuntimeError("run() before plan()")
-        if isinstance(paged_kv_cache, torch.Tensor):  # 5-D [pages, 2, P, H, D]
+        if isinstance(paged_kv_cache, torch.Tensor):
+            if paged_kv_cache.dim() == 4:  # [slots, 2, H, D], page_size 1
+                paged_kv_cache = paged_kv_cache.unsqueeze(2)
             paged_kv_cache = (paged_kv_cache[:, 0], paged_kv_cache[:, 1])
-        return interpret_run(self._plan, q, paged_kv_cache)
+        k, v = (x.unsqueeze(1) if x.dim() == 3 else x for x in paged_kv_cache)
+        ip = self._plan
+        if k_scale is not None:
+            base = ip.sm_scale if ip.sm_scale is not None else q.shape[-1] ** -0.5
+            ip = replace(ip, sm_scale=base * k_scale)
+        out = interpret_run(ip, q, (k, v))
+        return out * v_scale if v_scale is not None else out
 
-    forward = run
+    def forward(self, q: torch.Tensor, paged_kv_cache: Any, causal: bool = False, pos_encoding_mode: str = "NONE",
+                use_fp16_qk_reduction: bool = False, k_scale: float | None = None, v_scale: float | None = None,
+                window_left: int = -1, logits_soft_cap: float | None = None, sm_scale: float | None = None,
+                rope_scale: float | None = None, rope_theta: float | None = None) -> torch.Tensor:
+        """The deprecated ``forward`` SGLang calls: it overrides the plan's ``causal``, ``window_left``,
+        ``logits_soft_cap`` and ``sm_scale`` with its own arguments, then runs (0.7.2 ``prefill.py``
+        L3214-3238). A custom mask from ``plan`` still wins over ``causal``."""
+        if pos_encoding_mode != "NONE":
+            raise NotImplementedError("the interpreter models pos_encoding_mode='NONE' only (SGLang applies RoPE)")
+        if self._plan is None:
+            raise RuntimeError("forward() before plan()")
+        self._plan = replace(self._plan, causal=bool(causal), window_left=window_left,
+                             logits_soft_cap=logits_soft_cap, sm_scale=sm_scale)
+        return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale)

@@ -47,3 +47,22 @@ def tokenizer(embedded_model: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(embedded_model))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random-weight Llama (4 layers, GQA 4/2 heads, head_dim 32), saved locally, for fast engine soaks.
+
+    ``initializer_range=0.2`` (not 0.02) makes its logits peaked, so greedy choices are
+    separated by far more than float32 rounding and a cold-run comparison is decisive.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      initializer_range=0.2, rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path, safe_serialization=True)
+    return path
