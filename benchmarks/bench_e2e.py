@@ -197,8 +197,9 @@ def main() -> None:
             tqdm.write(f"{name}: stock {r['stock']['ttft_s']:.2f}s, prefix-only {r['prefix-only']['ttft_s']:.2f}s, "
                        f"holes {r['holes']['ttft_s']:.2f}s")
     finally:
-        for e in engines.values():
-            e.shutdown()
+        from sglang_holes.patches.engine import shutdown_all
+
+        shutdown_all(list(engines.values()))
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{cpu_name()}, {os.cpu_count()} cores, CPU only (torch_native, fp32)"
     (args.out / "e2e.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))

@@ -6,9 +6,10 @@ radix cache, so installing sglang-holes changes nothing for anyone else.
 
 For an extend batch that carries a ``HolePlan`` (``patches/extend_batch.py``) each layer
 writes the K/V of every missing token into its slot first, then computes attention for
-the compacted queries only, through ``sglang_holes.segmented_attention`` (the pure-torch
-reference: every query attends to its sequence's keys at positions <= its ORIGINAL
-position, O(m·n) instead of stock torch_native's O(n²) per request). Other batches take
+the compacted queries only, through ``sglang_holes.segmented_attention`` (``sdpa``: torch's
+fused SDPA with the plan's mask, tested against the pure-torch reference; every query
+attends to its sequence's keys at positions <= its ORIGINAL position, O(m·n) instead of
+stock torch_native's O(n²) per request). Other batches take
 the stock code path unchanged.
 """
 
@@ -59,7 +60,7 @@ class HoleTorchNativeAttnBackend(TorchNativeAttnBackend):
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
             slot_table,
             plan,
-            backend="reference",
+            backend="sdpa",
             sm_scale=layer.scaling,
             logits_soft_cap=layer.logit_cap if getattr(layer, "logit_cap", 0) else None,
             window_left=window if window is not None and window > -1 else -1,

@@ -29,16 +29,6 @@ class PortInUseError(RuntimeError):
     pass
 
 
-def _flag_value(argv: list[str], flag: str) -> tuple[int, str] | None:
-    """(index of the value, value) of ``flag`` in ``argv``, or None."""
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return i + 1, argv[i + 1]
-        if a.startswith(flag + "="):
-            return i, a.split("=", 1)[1]
-    return None
-
-
 def check_port_free(host: str, port: int) -> None:
     """Raise ``PortInUseError`` if ``host:port`` cannot be bound (another server is there)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -56,25 +46,25 @@ def check_port_free(host: str, port: int) -> None:
 
 def prepare_serve_argv(argv: Sequence[str]) -> list[str]:
     """Resolve the model, check the port and add the CPU defaults to ``sglang serve`` flags."""
-    from sglang_holes.patches.launch import apply_cli_defaults
+    from sglang_holes.patches.launch import apply_cli_defaults, flag_value
 
     out = list(argv)
     # Cheap checks first: a busy port must not wait for a model conversion.
-    host = (_flag_value(out, "--host") or (0, "127.0.0.1"))[1]
-    port_s = (_flag_value(out, "--port") or (0, "30000"))[1]
+    host = (flag_value(out, "--host") or (0, "127.0.0.1"))[1]
+    port_s = (flag_value(out, "--port") or (0, "30000"))[1]
     try:
         port = int(port_s)
     except ValueError:
         raise PortInUseError(f"--port must be an integer, got {port_s!r}") from None
     check_port_free(host, port)
-    found = _flag_value(out, "--model-path")
+    found = flag_value(out, "--model-path")
     if found is None:
         out += ["--model-path", resolve_model_path(None)]
     else:
         i, value = found
         resolved = resolve_model_path(value)
         out[i] = resolved if out[i] == value else f"--model-path={resolved}"
-    if _flag_value(out, "--radix-cache-backend") is None:
+    if flag_value(out, "--radix-cache-backend") is None:
         out += ["--radix-cache-backend", "holes"]
     return apply_cli_defaults(out)
 

@@ -7,6 +7,10 @@ Differences from ``sglang.Engine``, each yielding to an explicit argument:
 * without a GPU, the plain-CPU defaults of ``patches/launch.py`` apply;
 * ``radix_cache_backend`` defaults to ``holes`` (pass ``None`` for SGLang's own cache);
 * ``evict_span(input_ids, start, end)`` drops the KV of a span of a cached prompt.
+
+As with ``sglang.Engine``, ``shutdown()`` ends every SGLang subprocess of the calling
+process (SGLang kills the whole child tree), other engines of that process included:
+shut several engines down together with ``shutdown_all``.
 """
 
 from __future__ import annotations
@@ -42,3 +46,20 @@ class Engine(SGLangEngine):
         cache is then unchanged and the engine keeps serving.
         """
         return call_evict_span(self.send_to_rpc, evict_span_params(input_ids, start, end))
+
+
+def shutdown_all(engines: list[SGLangEngine]) -> None:
+    """Shut down several engines of one process.
+
+    ``sglang.Engine.shutdown()`` kills every SGLang subprocess of the process, so the
+    first call would kill the others' schedulers while their watchdogs still run, and
+    a watchdog that sees its scheduler die sends SIGQUIT to this process (SGLang's
+    handler then kills the whole process tree, caller included). Stop every watchdog
+    first, then shut each engine down.
+    """
+    for eng in engines:
+        watchdog = getattr(getattr(eng, "tokenizer_manager", None), "_subprocess_watchdog", None)
+        if watchdog is not None:
+            watchdog.stop()
+    for eng in engines:
+        eng.shutdown()

@@ -12,7 +12,8 @@ like stock SGLang; when KV exists beyond a hole, ``match_prefix`` also attaches 
 matched segments to the request and pins them, and the ``prepare_for_extend`` hook
 (``patches/extend_batch.py``) reuses them, so only the holes and the tail are
 recomputed, in one extend pass. That needs a hole-aware attention backend
-(torch_native today); with another backend, requests with holes take the stock path
+(torch_native on CPU, FlashInfer on GPU, see ``_why_no_hole_batches``); with another
+backend, requests with holes take the stock path
 (recompute from the first hole), which stays correct.
 
 Slot ownership follows ``HoleTree``: the tree owns what it stores; ``checkpoint``
@@ -74,7 +75,7 @@ class HoleRadixCache(BasePrefixCache):
         self.is_eagle = params.is_eagle
         self.policy = policy or eviction_policy_from_env()
         self.cost_model = cost_model
-        # Whether the attention backend can run hole batches (torch_native today); if not,
+        # Whether the attention backend can run hole batches (torch_native, FlashInfer); if not,
         # requests with holes take the stock path (recompute from the first hole).
         self.hole_extend = hole_extend
         # Benchmark baseline (SGLANG_HOLES_MODE=prefix-only): reuse the leading cached run only.

@@ -5,13 +5,15 @@ for the ``m`` compacted missing tokens of a batch, attention over every key of t
 sequence at positions ``<=`` their ORIGINAL position. Backends:
 
 * ``"reference"`` -- pure torch (``sglang_holes.reference``), any device; the oracle.
+* ``"sdpa"`` -- the same on CPU through torch's fused SDPA with the plan's mask
+  (``sglang_holes.torch_sdpa``); what the hole-aware torch_native backend runs.
 * ``"custom_mask"`` -- FlashInfer paged prefill, one request per sequence, custom mask
   built from original positions (``HolePlan.flashinfer_inputs("custom_mask", ...)``).
 * ``"spans"`` -- FlashInfer paged prefill, one causal request per run of adjacent
   holes, no mask (exact: FlashInfer's causal mask is bottom-right aligned).
 * ``"per_span"`` -- the baseline this project replaces: one FlashInfer plan and
   launch per hole.
-* ``"auto"`` -- ``"reference"`` for CPU tensors; on CUDA the cheaper of
+* ``"auto"`` -- ``"sdpa"`` for CPU tensors; on CUDA the cheaper of
   ``custom_mask`` / ``spans`` by the cost model in ``sglang_holes.cost`` (see its
   docstring for the model and a worked example).
 
@@ -32,8 +34,9 @@ import torch
 from sglang_holes.cost import CostModel, choose_path
 from sglang_holes.plan import HolePlan
 from sglang_holes.reference import reference_attention
+from sglang_holes.torch_sdpa import sdpa_attention
 
-BACKENDS = ("reference", "custom_mask", "spans", "per_span", "auto")
+BACKENDS = ("reference", "sdpa", "custom_mask", "spans", "per_span", "auto")
 
 
 @dataclass(frozen=True)
@@ -152,13 +155,13 @@ class FlashInferHoleAttention:
 
 def resolve_backend(backend: str, q: torch.Tensor, plan: HolePlan, params: AttentionParams,
                     cost_model: CostModel | None = None) -> str:
-    """The concrete backend ``auto`` stands for (``reference`` on CPU)."""
+    """The concrete backend ``auto`` stands for (``sdpa`` on CPU)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend != "auto":
         return backend
     if q.device.type != "cuda":
-        return "reference"
+        return "sdpa"
     kv_bytes = torch.empty(0, dtype=params.kv_dtype).element_size()
     return choose_path(plan, params.num_qo_heads, params.num_kv_heads, params.head_dim, kv_bytes, cost_model)
 
@@ -188,7 +191,7 @@ def segmented_attention(
             ``num_slots`` is a multiple of it and slot ``s`` is row ``s % P`` of page ``s // P``.
         slot_table: per sequence, the 1-D slot of every position ``[0, seq_len)``.
         plan: the batch's ``HolePlan``.
-        backend: one of ``reference``, ``custom_mask``, ``spans``, ``per_span``, ``auto``.
+        backend: one of ``reference``, ``sdpa``, ``custom_mask``, ``spans``, ``per_span``, ``auto``.
         sm_scale: softmax scale (default ``1/sqrt(D)``); logits_soft_cap: ``cap·tanh(x/cap)``
             when > 0; window_left: keep keys with ``pos - j <= window_left`` (-1: all).
         wrapper_factory: see ``FlashInferHoleAttention`` (tests pass the interpreter).
@@ -202,9 +205,11 @@ def segmented_attention(
     chosen = resolve_backend(backend, q, plan, params, cost_model)
     if chosen == "reference":
         return reference_attention(q, k_cache, v_cache, slot_table, plan, sm_scale, logits_soft_cap, window_left)
+    if chosen == "sdpa":
+        return sdpa_attention(q, k_cache, v_cache, slot_table, plan, sm_scale, logits_soft_cap, window_left)
     if wrapper_factory is None and q.device.type != "cuda":
         raise RuntimeError(f"backend {chosen!r} runs FlashInfer kernels and needs CUDA tensors; "
-                           "use backend='reference' (or 'auto') on CPU")
+                           "use backend='sdpa', 'reference' or 'auto' on CPU")
     runner = FlashInferHoleAttention(params, q.device, wrapper_factory,
                                      workspace_bytes=(128 << 20) if q.device.type == "cuda" else 8)
     runner.plan(plan, slot_table, chosen)

@@ -1,13 +1,15 @@
 """Pure-torch reference for segmented prefill (any device, fp32 accumulation).
 
-This is the oracle every fast path is checked against, and the path the CPU
-engine runs. It gathers each sequence's keys ``[0, kv_len)`` through its slot
-table and masks by ORIGINAL query position, so it is exact for any set of holes.
+This is the oracle every fast path is checked against (the CPU engine runs the same
+definition through torch's fused SDPA, ``sglang_holes.torch_sdpa``). It gathers each
+sequence's keys ``[0, kv_len)`` through its slot table and masks by ORIGINAL query
+position, so it is exact for any set of holes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -76,12 +78,27 @@ def reference_attention(
         raise ValueError(f"q has {q.shape[0]} rows but the plan has {plan.num_queries} missing tokens")
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     out = torch.empty(q.shape[0], q.shape[1], v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    for a, b, slots, keep in sequence_views(plan, slot_table, window_left, k_cache.device):
+        out[a:b] = masked_attention(q[a:b], k_cache[slots], v_cache[slots], keep, scale, logits_soft_cap)
+    return out
+
+
+class SequenceView(NamedTuple):
+    """One sequence of a plan: its query rows ``[a, b)``, key slots ``[kv_len]``, mask ``[b - a, kv_len]``."""
+
+    a: int
+    b: int
+    slots: torch.Tensor
+    keep: torch.Tensor
+
+
+def sequence_views(plan: HolePlan, slot_table: Sequence[torch.Tensor], window_left: int,
+                   device: torch.device) -> Iterator[SequenceView]:
+    """The sequences of ``plan`` that have queries, with their key slots and visibility mask."""
     for i in range(plan.batch_size):
         a, b = int(plan.seq_q_indptr[i]), int(plan.seq_q_indptr[i + 1])
         if a == b:
             continue
         L = plan.kv_len(i)
-        slots = slot_table[i][:L].to(device=k_cache.device, dtype=torch.int64)
-        keep = attention_scores_mask(plan.positions_of(i).to(q.device), L, window_left)
-        out[a:b] = masked_attention(q[a:b], k_cache[slots], v_cache[slots], keep, scale, logits_soft_cap)
-    return out
+        slots = slot_table[i][:L].to(device=device, dtype=torch.int64)
+        yield SequenceView(a, b, slots, attention_scores_mask(plan.positions_of(i).to(device), L, window_left))

@@ -28,18 +28,51 @@ def embedded_model() -> Path:
     return prepare_embedded_model(progress=False)
 
 
+class Engines:
+    """Every engine of the session, shut down together at its end.
+
+    ``sglang.Engine.shutdown()`` kills all SGLang subprocesses of the process (other
+    engines included), so no engine is shut down before the session ends
+    (``sglang_holes.patches.engine.shutdown_all`` stops every watchdog first).
+    """
+
+    def __init__(self) -> None:
+        self.live: list[object] = []
+
+    def start(self, env: dict[str, str] | None = None, **kwargs: object) -> object:
+        """``sglang_holes.Engine(**kwargs)``, with ``env`` set while its scheduler starts."""
+        import sglang_holes
+
+        old = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})
+        try:
+            eng = sglang_holes.Engine(**kwargs)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        self.live.append(eng)
+        return eng
+
+
 @pytest.fixture(scope="session")
-def engine(embedded_model: Path) -> Iterator[object]:
+def engines() -> Iterator[Engines]:
+    from sglang_holes.patches.engine import shutdown_all
+
+    pool = Engines()
+    try:
+        yield pool
+    finally:
+        shutdown_all(pool.live)
+
+
+@pytest.fixture(scope="session")
+def engine(engines: Engines, embedded_model: Path) -> object:
     """One real SGLang engine (CPU, torch_native, fp32) with SGLang's OWN radix cache (the
     reference for cold and stock runs), plugin loaded, for the whole session."""
-    import sglang_holes
-
-    eng = sglang_holes.Engine(model_path=str(embedded_model), log_level="error", random_seed=0,
-                              radix_cache_backend=None)
-    try:
-        yield eng
-    finally:
-        eng.shutdown()
+    return engines.start(model_path=str(embedded_model), log_level="error", random_seed=0, radix_cache_backend=None)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,28 +24,10 @@ SAMPLING = {"max_new_tokens": 4, "temperature": 0.0}
 LOGPROB_TOL = 1e-4
 
 
-def _holes_engine(model: Path, policy: str, max_total_tokens: int):
-    import sglang_holes
-
-    old = os.environ.get("SGLANG_HOLES_EVICTION_POLICY")
-    os.environ["SGLANG_HOLES_EVICTION_POLICY"] = policy  # read by the scheduler process at start
-    try:
-        return sglang_holes.Engine(model_path=str(model), log_level="error", radix_cache_backend="holes",
-                                   max_total_tokens=max_total_tokens, random_seed=0)
-    finally:
-        if old is None:
-            del os.environ["SGLANG_HOLES_EVICTION_POLICY"]
-        else:
-            os.environ["SGLANG_HOLES_EVICTION_POLICY"] = old
-
-
-@pytest.fixture(scope="module")
-def holes_engine(embedded_model: Path) -> Iterator[object]:
-    eng = _holes_engine(embedded_model, "cost-aware", max_total_tokens=3400)
-    try:
-        yield eng
-    finally:
-        eng.shutdown()
+@pytest.fixture(scope="session")
+def holes_engine(engines, embedded_model: Path) -> object:
+    return engines.start(env={"SGLANG_HOLES_EVICTION_POLICY": "cost-aware"}, model_path=str(embedded_model),
+                         log_level="error", radix_cache_backend="holes", max_total_tokens=3400, random_seed=0)
 
 
 def _cache(eng) -> dict:

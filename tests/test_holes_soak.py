@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,24 +23,13 @@ LOGPROB_TOL = 1e-4
 POOL = 2600  # ~6 of the ~400-token prompts: constant eviction
 
 
-@pytest.fixture(scope="module")
-def tiny_engines(tiny_llama: Path) -> Iterator[tuple[object, object]]:
-    import os
-
-    import sglang_holes
-
+@pytest.fixture(scope="session")
+def tiny_engines(engines, tiny_llama: Path) -> tuple[object, object]:
     common = dict(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0)
-    os.environ["SGLANG_HOLES_EVICTION_POLICY"] = "cost-aware"  # read by the scheduler at start
-    try:
-        holes = sglang_holes.Engine(radix_cache_backend="holes", max_total_tokens=POOL, **common)
-    finally:
-        del os.environ["SGLANG_HOLES_EVICTION_POLICY"]
-    cold = sglang_holes.Engine(radix_cache_backend=None, disable_radix_cache=True, max_total_tokens=8192, **common)
-    try:
-        yield holes, cold
-    finally:
-        holes.shutdown()
-        cold.shutdown()
+    holes = engines.start(env={"SGLANG_HOLES_EVICTION_POLICY": "cost-aware"}, radix_cache_backend="holes",
+                          max_total_tokens=POOL, **common)
+    cold = engines.start(radix_cache_backend=None, disable_radix_cache=True, max_total_tokens=8192, **common)
+    return holes, cold
 
 
 def _cache(eng) -> dict:
@@ -147,3 +135,29 @@ def test_request_arrives_while_another_holds_its_path_locked(tiny_engines):
              "B")
     _check_pool(holes)
     assert holes.evict_span(base, 100, 140) == 40  # A finished: its lock is gone
+
+
+def test_uncovered_features_take_the_stock_path_and_are_counted(tiny_engines):
+    """Input logprobs over a prompt with holes: the stock path (recompute from the first
+    hole), counted as a fallback, with the same output and input logprobs as a cold run.
+    (SGLang matches the prefix only up to ``logprob_start_len``: from 200, the match sees
+    the hole at 60 and the cached KV after it.)"""
+    holes, cold = tiny_engines
+    rng = random.Random(7)
+    ids = [rng.randrange(3, 2000) for _ in range(250)]
+    assert holes.flush_cache().success
+    holes.generate(input_ids=ids, sampling_params=SAMPLING)
+    holes.evict_span(ids, 60, 90)
+    before = _cache(holes)["stats"]
+    kw = dict(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, logprob_start_len=200, top_logprobs_num=5)
+    got, ref = holes.generate(**kw), cold.generate(**kw)
+    after = _cache(holes)["stats"]
+    assert after["fallbacks"] == before["fallbacks"] + 1
+    assert after["hole_requests"] == before["hole_requests"]
+    _compare(got, ref, "input logprobs")
+    cached = got["meta_info"]["cached_tokens"]
+    assert cached <= 60 and got["meta_info"]["hole_spans"] == [[cached, 250]]  # no reuse past the first hole
+    a = [x[0] for x in got["meta_info"]["input_token_logprobs"] if x[0] is not None]
+    b = [x[0] for x in ref["meta_info"]["input_token_logprobs"] if x[0] is not None]
+    assert len(a) == len(b) >= 49 and max(abs(x - y) for x, y in zip(a, b, strict=True)) <= LOGPROB_TOL
+    _check_pool(holes)

@@ -28,9 +28,9 @@ def _interpreted(batch, path):
 
 
 @FAST
-@given(batches())
-def test_reference_equals_dense_causal(batch):
-    out = segmented_attention(batch.q, batch.k_cache, batch.v_cache, batch.slot_table, batch.plan, "reference")
+@given(batches(), st.sampled_from(["reference", "sdpa"]))
+def test_cpu_paths_equal_dense_causal(batch, backend):
+    out = segmented_attention(batch.q, batch.k_cache, batch.v_cache, batch.slot_table, batch.plan, backend)
     assert out.shape == batch.expected.shape
     assert rel_err(out, batch.expected) <= TOL
 
@@ -71,27 +71,27 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("page_size", [1, 4])
-@pytest.mark.parametrize("backend", ["reference", "custom_mask", "spans", "per_span"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "custom_mask", "spans", "per_span"])
 def test_named_cases(case, page_size, backend):
     seq_lens, holes = CASES[case]
     b = make_batch(seq_lens, holes, page_size, Hq=6, Hkv=2, D=16, seed=1)
-    factory = None if backend == "reference" else InterpretedPrefillWrapper
+    factory = None if backend in ("reference", "sdpa") else InterpretedPrefillWrapper
     out = segmented_attention(b.q, b.k_cache, b.v_cache, b.slot_table, b.plan, backend, wrapper_factory=factory)
     assert rel_err(out, b.expected) <= TOL
 
 
 @pytest.mark.parametrize("window_left, soft_cap", [(-1, 5.0), (3, None), (0, None), (6, 2.0)])
-@pytest.mark.parametrize("backend", ["reference", "custom_mask", "spans"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "custom_mask", "spans"])
 def test_window_and_soft_cap(window_left, soft_cap, backend):
     b = make_batch([40, 25], [[(0, 3), (10, 18), (39, 40)], [(4, 5), (6, 25)]], 2, Hq=4, Hkv=2, D=16, seed=3,
                    window_left=window_left, soft_cap=soft_cap, sm_scale=0.3)
-    factory = None if backend == "reference" else InterpretedPrefillWrapper
+    factory = None if backend in ("reference", "sdpa") else InterpretedPrefillWrapper
     out = segmented_attention(b.q, b.k_cache, b.v_cache, b.slot_table, b.plan, backend, sm_scale=0.3,
                               logits_soft_cap=soft_cap, window_left=window_left, wrapper_factory=factory)
     assert rel_err(out, b.expected) <= TOL
 
 
-def test_auto_is_reference_on_cpu():
+def test_auto_is_sdpa_on_cpu():
     b = make_batch([20], [[(2, 5)]], 1, Hq=2, Hkv=1, D=8, seed=0)
     out = segmented_attention(b.q, b.k_cache, b.v_cache, b.slot_table, b.plan)  # backend="auto"
     assert rel_err(out, b.expected) <= TOL

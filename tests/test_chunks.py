@@ -1,0 +1,58 @@
+"""Chunk hints: validation of the wire payload, and the recompute sets of each policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_holes.chunks import ChunkHints, chunk_boundaries, parse_chunk_action, recompute_mask
+
+
+def test_parse_valid_payload():
+    h = parse_chunk_action("1", {"chunks": [[0, 10], [10, 25]], "policy": "first_k", "k": 4})
+    assert h == ChunkHints(((0, 10), (10, 25)), "first_k", 4)
+    assert chunk_boundaries([10, 15]) == [(0, 10), (10, 25)]
+
+
+@pytest.mark.parametrize("version, payload, msg", [
+    ("2", {"chunks": [[0, 4]]}, "version '2' is not supported"),
+    ("1", {"chunks": [[5, 9], [0, 4]]}, "sorted"),
+    ("1", {"chunks": [[0, 6], [4, 9]]}, "overlap"),
+    ("1", {"chunks": [[4, 4]]}, "empty or reversed"),
+    ("1", {"chunks": [[6, 2]]}, "empty or reversed"),
+    ("1", {"chunks": [[-1, 2]]}, "non-negative integer"),
+    ("1", {"chunks": [[0, 2.5]]}, "non-negative integer"),
+    ("1", {"chunks": []}, "non-empty list"),
+    ("1", {"chunks": [[0, 4]], "policy": "cacheblend"}, "unknown chunk policy"),
+    ("1", {"chunks": [[0, 4]], "k": -1}, "k must be"),
+    ("1", {"chunks": [[0, 4]], "ratio": 1.5}, "ratio must be"),
+    ("1", {"chunks": [[0, 4]], "boundaries": [0]}, "unknown fields"),
+])
+def test_malformed_payloads_are_rejected(version, payload, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_chunk_action(version, payload)
+
+
+def test_out_of_range_chunk_is_rejected():
+    h = parse_chunk_action("1", {"chunks": [[0, 4], [4, 30]]})
+    with pytest.raises(ValueError, match="out of range for a prompt of 20 tokens"):
+        recompute_mask(20, h, [True, True])
+
+
+def test_policies():
+    n = 30  # chunks [0,10) [10,22), question [22,30)
+    chunks = ((0, 10), (10, 22))
+    none = recompute_mask(n, ChunkHints(chunks, "none"), [True, True])
+    assert none.nonzero().flatten().tolist() == list(range(22, 30))
+    first = recompute_mask(n, ChunkHints(chunks, "first_k", k=3), [True, False])
+    assert first.nonzero().flatten().tolist() == [0, 1, 2, *range(10, 30)]  # chunk 1 not in the store
+    big_k = recompute_mask(n, ChunkHints(chunks, "first_k", k=50), [True, True])
+    assert big_k.all()  # k >= chunk length: full recompute
+    scores = torch.zeros(n)
+    scores[[4, 15, 16]] = torch.tensor([3.0, 2.0, 1.0])
+    dev = recompute_mask(n, ChunkHints(chunks, "deviation", ratio=2 / 22), [True, True], scores)
+    assert dev.nonzero().flatten().tolist() == [4, 15, *range(22, 30)]
+    with pytest.raises(ValueError, match="one score per prompt token"):
+        recompute_mask(n, ChunkHints(chunks, "deviation"), [True, True])
+    last = recompute_mask(10, ChunkHints(((0, 10),), "none"), [True])
+    assert last.nonzero().flatten().tolist() == [9]  # the last token always runs

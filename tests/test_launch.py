@@ -1,0 +1,41 @@
+"""Server-argument defaults of `sglang-holes serve` and `sglang_holes.Engine`."""
+
+from __future__ import annotations
+
+import pytest
+
+from sglang_holes.patches import launch
+
+
+def test_cpu_defaults_yield_to_explicit_flags(monkeypatch):
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
+    monkeypatch.setattr(launch, "prepare_cpu_environment", lambda: None)
+    out = launch.apply_cli_defaults(["--dtype", "bfloat16", "--max-total-tokens=1000"])
+    assert out[:3] == ["--dtype", "bfloat16", "--max-total-tokens=1000"]
+    assert out.count("--dtype") == 1 and not any(a.startswith("--max-total-tokens") for a in out[3:])
+    for flag in ("--device", "--attention-backend", "--sleep-on-idle", "--disable-cuda-graph"):
+        assert flag in out
+    kw = launch.apply_engine_defaults({"dtype": "bfloat16"})
+    assert kw["dtype"] == "bfloat16" and kw["sleep_on_idle"] is True and kw["attention_backend"] == "torch_native"
+
+
+@pytest.mark.parametrize("argv, added", [
+    (["--radix-cache-backend", "holes"], True),
+    (["--radix-cache-backend=holes"], True),
+    (["--radix-cache-backend", "holes", "--cuda-graph-backend-prefill", "full"], False),
+    (["--radix-cache-backend", "radix"], False),
+])
+def test_gpu_holes_server_disables_the_prefill_graph(monkeypatch, argv, added):
+    """Hole batches are planned per batch: a captured prefill graph cannot replay them."""
+    monkeypatch.setattr(launch, "has_cuda", lambda: True)
+    out = launch.apply_cli_defaults(argv)
+    assert ("--disable-prefill-cuda-graph" in out) == added
+    assert "--device" not in out  # SGLang's GPU defaults stand
+    kw = launch.apply_engine_defaults({"radix_cache_backend": "holes"})
+    assert kw == {"radix_cache_backend": "holes", "disable_prefill_cuda_graph": True}
+
+
+def test_flag_value():
+    assert launch.flag_value(["--port", "80", "--host=h"], "--host") == (2, "h")
+    assert launch.flag_value(["--port", "80"], "--port") == (1, "80")
+    assert launch.flag_value(["--port"], "--port") is None
