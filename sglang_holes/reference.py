@@ -78,16 +78,19 @@ def reference_attention(
         raise ValueError(f"q has {q.shape[0]} rows but the plan has {plan.num_queries} missing tokens")
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     out = torch.empty(q.shape[0], q.shape[1], v_cache.shape[-1], dtype=q.dtype, device=q.device)
-    for a, b, slots, keep in sequence_views(plan, slot_table, window_left, k_cache.device):
-        out[a:b] = masked_attention(q[a:b], k_cache[slots], v_cache[slots], keep, scale, logits_soft_cap)
+    for view in sequence_views(plan, slot_table, window_left, k_cache.device):
+        a, b, slots = view.a, view.b, view.slots
+        out[a:b] = masked_attention(q[a:b], k_cache[slots], v_cache[slots], view.keep, scale, logits_soft_cap)
     return out
 
 
 class SequenceView(NamedTuple):
-    """One sequence of a plan: its query rows ``[a, b)``, key slots ``[kv_len]``, mask ``[b - a, kv_len]``."""
+    """One sequence of a plan: its query rows ``[a, b)`` and their original ``positions``,
+    key slots ``[kv_len]``, visibility mask ``[b - a, kv_len]``."""
 
     a: int
     b: int
+    positions: torch.Tensor
     slots: torch.Tensor
     keep: torch.Tensor
 
@@ -101,4 +104,5 @@ def sequence_views(plan: HolePlan, slot_table: Sequence[torch.Tensor], window_le
             continue
         L = plan.kv_len(i)
         slots = slot_table[i][:L].to(device=device, dtype=torch.int64)
-        yield SequenceView(a, b, slots, attention_scores_mask(plan.positions_of(i).to(device), L, window_left))
+        pos = plan.positions_of(i).to(device)
+        yield SequenceView(a, b, pos, slots, attention_scores_mask(pos, L, window_left))

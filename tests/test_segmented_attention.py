@@ -66,6 +66,8 @@ CASES = {
     "whole_sequence": ([17], [[(0, 17)]]),
     "mixed_batch": ([9, 33, 1], [[(3, 4)], [(0, 2), (2, 9), (20, 33)], [(0, 1)]]),
     "seq_without_holes": ([12, 20], [[], [(5, 9)]]),
+    # >= 90% of the sequence missing: sdpa's dense causal path, with a cached token inside
+    "dense_with_gap": ([40, 30], [[(0, 20), (21, 40)], [(2, 30)]]),
 }
 
 
