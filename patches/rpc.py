@@ -60,6 +60,8 @@ def call_evict_span(sock: Any, params: dict[str, Any], timeout_s: float = 60.0) 
     import zmq
     from sglang.srt.managers.io_struct import RpcReqInput, sock_recv, sock_send
 
+    while sock.poll(0, zmq.POLLIN):  # a late reply to a call that timed out: replies carry no id
+        sock_recv(sock)
     sock_send(sock, RpcReqInput(method=EVICT_SPAN, parameters=params))
     if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
         raise TimeoutError(f"the scheduler did not answer {EVICT_SPAN} within {timeout_s:.0f} s")
