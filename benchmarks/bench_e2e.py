@@ -16,8 +16,10 @@ measured side by side, one request at a time:
 * ``holes``: the prompt is cached, then ``evict_span`` punches the holes; the timed
   request recomputes only the holes and the tail in one extend pass.
 
-TTFT = wall time of ``generate(max_new_tokens=1)`` (the best of ``--repeats``, the cache
-state rebuilt before each). Computed tokens come from ``meta_info``. FLOPs from
+TTFT = wall time of ``generate(max_new_tokens=1)`` (the best of ``--repeats`` for prompts
+up to 2k tokens, one run above; the cache state rebuilt before each). Chunked prefill is
+raised to 16,384 tokens in all three engines (SGLang would chunk long prompts, and a chunked request with
+holes takes the stock path). Computed tokens come from ``meta_info``. FLOPs from
 ``RecomputeCost`` (linear + attention per key, the model's config) for the positions each
 engine recomputes. Workloads: k ∈ {1, 4, 16} holes covering 5-50% of 1k-8k-token prompts
 (holes at seeded random places), and RAG prompts from ../shared/data/musique_s.json
@@ -72,8 +74,12 @@ def _start(model: str, mode: str | None, backend: str | None):
     if mode:
         os.environ["SGLANG_HOLES_MODE"] = mode  # read by the scheduler process at start
     try:
+        # No chunking at these sizes, in all three: SGLang chunks by the tokens after the cached
+        # prefix, and a chunked request with holes takes the stock path (counted fallback). An
+        # explicit memory fraction: SGLang derives a negative one from a large chunk size on CPU.
         return sglang_holes.Engine(model_path=model, radix_cache_backend=backend, max_total_tokens=20000,
-                                   log_level="error", random_seed=0)
+                                   chunked_prefill_size=16384, mem_fraction_static=0.5, log_level="error",
+                                   random_seed=0)
     finally:
         os.environ.pop("SGLANG_HOLES_MODE", None)
         if old is not None:
@@ -156,7 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1k and 2k prompts only, 2 RAG prompts")
     ap.add_argument("--rag", type=int, default=6, help="musique questions in the RAG workload")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per config for prompts <= 2k (longer: 1)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
 
@@ -186,7 +192,7 @@ def main() -> None:
     rows = []
     try:
         for name, ids, spans in tqdm(cases, desc="e2e cases", unit="case"):
-            r = measure(engines, ids, spans, args.repeats)
+            r = measure(engines, ids, spans, args.repeats if len(ids) <= 2048 else 1)
             missing = sum(e - s for s, e in spans)
             row = {"case": name, "n": len(ids), "holes": len(spans), "missing": missing, "first_hole": spans[0][0]}
             for c in CONFIGS:

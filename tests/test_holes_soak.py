@@ -161,3 +161,26 @@ def test_uncovered_features_take_the_stock_path_and_are_counted(tiny_engines):
     b = [x[0] for x in ref["meta_info"]["input_token_logprobs"] if x[0] is not None]
     assert len(a) == len(b) >= 49 and max(abs(x - y) for x, y in zip(a, b, strict=True)) <= LOGPROB_TOL
     _check_pool(holes)
+
+
+def test_chunked_prefill_with_holes_takes_the_stock_path(engines, tiny_llama: Path, tiny_engines):
+    """SGLang chunks a long request (by the tokens after its leading cached run); with holes it
+    then takes the stock path, counted, with cold-run output and every slot accounted for."""
+    _, cold = tiny_engines
+    chunked = engines.start(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
+                            radix_cache_backend="holes", max_total_tokens=2000, chunked_prefill_size=128)
+    rng = random.Random(11)
+    ids = [rng.randrange(3, 2000) for _ in range(420)]
+    chunked.generate(input_ids=ids, sampling_params=SAMPLING)
+    chunked.evict_span(ids, 50, 80)
+    before = _cache(chunked)["stats"]
+    got = chunked.generate(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
+    _compare(got, cold.generate(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5),
+             "chunked")
+    after = _cache(chunked)["stats"]
+    assert after["fallbacks"] > before["fallbacks"] and after["hole_requests"] == before["hole_requests"]
+    assert got["meta_info"]["hole_spans"] == [[50, 420]]  # chunks continue one span
+    _check_pool(chunked)
+    assert chunked.flush_cache().success
+    c = _check_pool(chunked)
+    assert c["available"] == c["pool_size"]
