@@ -31,25 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import time
 from pathlib import Path
 
+from bench_startup import cpu_name  # benchmarks/ is on sys.path when run as a script
 from tqdm import tqdm
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "musique_s.json"
 CONFIGS = ("stock", "prefix-only", "holes")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def random_holes(rng: random.Random, n: int, k: int, frac: float) -> list[tuple[int, int]]:
