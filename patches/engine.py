@@ -6,7 +6,9 @@ Differences from ``sglang.Engine``, each yielding to an explicit argument:
   a given local folder is validated before SGLang sees it;
 * without a GPU, the plain-CPU defaults of ``patches/launch.py`` apply;
 * ``radix_cache_backend`` defaults to ``holes`` (pass ``None`` for SGLang's own cache);
-* ``evict_span(input_ids, start, end)`` drops the KV of a span of a cached prompt.
+* ``evict_span(input_ids, start, end)`` drops the KV of a span of a cached prompt;
+* ``generate(prompt_chunks=[...], chunk_policy=...)`` sends a RAG prompt as chunks whose
+  KV is reused at any position (``patches/chunk_cache.py``).
 
 As with ``sglang.Engine``, ``shutdown()`` ends every SGLang subprocess of the calling
 process (SGLang kills the whole child tree), other engines of that process included:
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from sglang.srt.entrypoints.engine import Engine as SGLangEngine
 
+from sglang_holes.chunks import ChunkedPrompt, build_chunked_prompt
 from sglang_holes.model import resolve_model_path
 from sglang_holes.patches.launch import apply_engine_defaults
 from sglang_holes.patches.radix_cache import BACKEND_NAME
-from sglang_holes.patches.rpc import call_evict_span, evict_span_params
+from sglang_holes.patches.rpc import CHUNK_KV, call_evict_span, call_rpc, evict_span_params
 from sglang_holes.patches.version import check_sglang_version
 
 
@@ -37,6 +41,40 @@ class Engine(SGLangEngine):
             kwargs = apply_engine_defaults(kwargs)
         super().__init__(**kwargs)
 
+    def chunked_prompt(self, prompt_chunks: list[str | list[int]], chunk_policy: str = "first_k",
+                       **params: Any) -> ChunkedPrompt:
+        """``input_ids`` + ``kv_hints`` for a prompt made of chunks (see ``generate``)."""
+        tok = self.tokenizer_manager.tokenizer
+
+        def encode(text: str) -> list[int]:
+            if tok is None:
+                raise ValueError("this engine has no tokenizer (skip_tokenizer_init): pass chunks as token ids")
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        prefix = tok("", add_special_tokens=True)["input_ids"] if tok is not None else []  # BOS: not a chunk
+        return build_chunked_prompt(prompt_chunks, encode, prefix, chunk_policy, **params)
+
+    def generate(self, prompt: Any = None, sampling_params: Any = None, input_ids: Any = None, *args: Any,
+                 prompt_chunks: list[str | list[int]] | None = None, chunk_policy: str = "first_k",
+                 chunk_k: int | None = None, chunk_ratio: float | None = None, **kwargs: Any) -> Any:
+        """``sglang.Engine.generate``, plus chunked RAG prompts.
+
+        ``prompt_chunks``: one request's prompt as a list of chunks (documents, then the
+        question), each text or token ids, instead of ``prompt`` / ``input_ids``. Each chunk's
+        KV is stored once computed and reused wherever the same chunk appears again (same
+        namespace: ``extra_key`` / cache salt), K re-rotated to the new position.
+        ``chunk_policy``: ``none`` | ``first_k`` (recompute the first ``chunk_k`` tokens of
+        each reused chunk, default 16) | ``deviation`` (recompute the ``chunk_ratio`` fraction,
+        default 0.15, of reused tokens whose layer-1 KV deviates most). Approximate by nature:
+        ``meta_info["chunk_reuse"]`` reports what was reused. ``ValueError`` for bad input.
+        """
+        if prompt_chunks is not None:
+            if prompt is not None or input_ids is not None or kwargs.get("kv_hints") is not None:
+                raise ValueError("pass prompt_chunks instead of prompt / input_ids / kv_hints, not with them")
+            params = {k: v for k, v in (("k", chunk_k), ("ratio", chunk_ratio)) if v is not None}
+            input_ids, kwargs["kv_hints"], _ = self.chunked_prompt(prompt_chunks, chunk_policy, **params)
+        return super().generate(prompt, sampling_params, input_ids, *args, **kwargs)
+
     def evict_span(self, input_ids: list[int], start: int, end: int) -> int:
         """Drop the KV of positions ``[start, end)`` of a cached prompt (half-open, token positions).
 
@@ -46,6 +84,18 @@ class Engine(SGLangEngine):
         cache is then unchanged and the engine keeps serving.
         """
         return call_evict_span(self.send_to_rpc, evict_span_params(input_ids, start, end))
+
+    def chunk_kv(self, tokens: list[int], layer: int = 0, offset: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """K (after RoPE) and V ``[len, kv_heads, head_dim]`` of a stored chunk at ``layer``.
+
+        With ``offset``, the chunk moved to positions ``[offset, offset + len)`` by the same
+        re-rotating copy a request placing it there gets. Returns ``(k, v, stored offset)``;
+        ``ValueError`` if the chunk is not stored. For inspection and tests.
+        """
+        r = call_rpc(self.send_to_rpc, CHUNK_KV, {"tokens": [int(t) for t in tokens], "layer": layer,
+                                                 "offset": offset})
+        return torch.tensor(r["k"]), torch.tensor(r["v"]), int(r["offset"])
 
 
 def shutdown_all(engines: list[SGLangEngine]) -> None:

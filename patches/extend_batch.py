@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from sglang_holes.patches.meta_info import record_recomputed
+from sglang_holes.patches.chunk_cache import Placement
+from sglang_holes.patches.chunk_hints import chunk_hints_of
+from sglang_holes.patches.meta_info import record_chunk_reuse, record_recomputed
 from sglang_holes.plan import spans_from_positions
 
 PREPARE = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
@@ -48,6 +50,37 @@ def _fallback_reason(req: Any) -> str | None:
     return None
 
 
+def _before_prepare_for_extend(batch: Any, *_: Any, **__: Any) -> None:
+    """Chunk requests look up and lock their chunks before allocation can evict them."""
+    from sglang_holes.patches.radix_cache import HoleRadixCache
+
+    tree = batch.tree_cache
+    if not isinstance(tree, HoleRadixCache) or tree.chunks is None or batch.is_dllm():
+        return
+    chunk_reqs = [r for r in batch.reqs if chunk_hints_of(r) is not None]
+    if not chunk_reqs:
+        return
+    # Admission budgeted every extend token; pinning hits must leave that much allocatable.
+    need = sum(r.extend_end - r.prefix_len for r in batch.reqs)
+    room = tree.token_to_kv_pool_allocator.available_size() + tree.evictable_size() - need
+    for req in chunk_reqs:
+        room -= tree.chunks.admit(req, max(room, 0))
+
+
+def _hole_placement(req: Any, p0: int, segments: list, row: torch.Tensor, out_i: torch.Tensor,
+                    ext: int) -> Placement:
+    """Point ``row`` at the tree's slots for every reused span beyond ``p0`` (borrowed)."""
+    keep = torch.ones(ext, dtype=torch.bool)
+    borrowed = []
+    for s, e, slots in segments:
+        if slots is None or e <= p0:
+            continue
+        keep[s - p0 : e - p0] = False
+        row[s:e] = slots.to(row.device, row.dtype)
+        borrowed.append((s, e))
+    return Placement(keep, borrowed, out_i[~keep.to(out_i.device)])
+
+
 def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> Any:
     from sglang_holes.patches.radix_cache import HoleRadixCache
 
@@ -56,13 +89,16 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
     if not isinstance(tree, HoleRadixCache) or batch.is_dllm():
         return result
     reqs = batch.reqs
-    plans: list[tuple[int, list[tuple[int, int, torch.Tensor | None]]] | None] = []
+    plans: list[tuple[int, list] | str | None] = []
     for req in reqs:
         match = getattr(req, "holes_match", None)
         req.holes_match = None
         if getattr(req, "holes_fallback", False):  # no room to pin its spans (see match_prefix)
             req.holes_fallback = False
             tree.count("fallbacks")
+        if getattr(req, "holes_chunk", None) is not None and tree.chunks is not None:
+            plans.append("chunks")
+            continue
         if match is None:
             plans.append(None)
             continue
@@ -90,25 +126,23 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
         ids_i = ids_cpu[offset : offset + ext]
         out_i = out[offset : offset + ext]
         offset += ext
-        if plan is None:
+        row = row_table[req.kv.req_pool_idx]
+        placed = None
+        if plan == "chunks":
+            placed = tree.chunks.place(req, tree.token_to_kv_pool_allocator.get_kvcache(), row, out_i)
+            record_chunk_reuse(req, req.holes_chunk)
+        elif plan is not None:
+            placed = _hole_placement(req, plan[0], plan[1], row, out_i, ext)
+        if placed is None:
             new_ids.append(ids_i)
             new_out.append(out_i)
             positions.append(torch.arange(pre, pre + ext, dtype=torch.int64))
             record_recomputed(req, [(pre, pre + ext)])
             continue
-        p0, segments = plan
         n = pre + ext
-        keep = torch.ones(ext, dtype=torch.bool)
-        row = row_table[req.kv.req_pool_idx]
-        borrowed = []
-        for s, e, slots in segments:
-            if slots is None or e <= p0:
-                continue
-            keep[s - p0 : e - p0] = False
-            row[s:e] = slots.to(row.device, row.dtype)
-            borrowed.append((s, e))
-        surplus.append(out_i[~keep.to(out_i.device)])
-        pos_i = torch.arange(p0, n, dtype=torch.int64)[keep]
+        keep = placed.keep
+        surplus.append(placed.surplus)
+        pos_i = torch.arange(pre, n, dtype=torch.int64)[keep]
         missing = spans_from_positions(pos_i.tolist())  # holes and the uncached tail (last token included)
         m = pos_i.numel()
         new_ids.append(ids_i[keep])
@@ -118,13 +152,17 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
         batch.prefix_lens[i] = n - m
         batch.extend_logprob_start_lens[i] = m
         reused = n - m
-        req.cached_tokens += reused - p0
-        tree.borrowed[req.kv.req_pool_idx] = borrowed
+        req.cached_tokens += reused - pre
+        tree.borrowed[req.kv.req_pool_idx] = placed.borrowed
         record_recomputed(req, missing)
-        tree.count("hole_requests")
-        tree.count("hole_spans_filled", sum(1 for s, e in missing if e < n))
-        tree.count("reused_tokens", reused)
-        tree.count("recomputed_tokens", m)
+        if plan == "chunks":
+            tree.count("chunk_requests")
+            tree.count("chunk_reused_tokens", reused)
+        else:
+            tree.count("hole_requests")
+            tree.count("hole_spans_filled", sum(1 for s, e in missing if e < n))
+            tree.count("reused_tokens", reused)
+            tree.count("recomputed_tokens", m)
     if surplus:
         freed = torch.cat(surplus)
         if freed.numel():
@@ -150,5 +188,6 @@ def _after_init_new(ret: Any, cls: Any, batch: Any, *_: Any, **__: Any) -> Any:
 
 
 def register() -> None:
+    HookRegistry.register(PREPARE, _before_prepare_for_extend, HookType.BEFORE)
     HookRegistry.register(PREPARE, _after_prepare_for_extend, HookType.AFTER)
     HookRegistry.register(INIT_NEW, _after_init_new, HookType.AFTER)

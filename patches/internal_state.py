@@ -42,6 +42,9 @@ def cache_state(scheduler: Any) -> dict[str, Any]:
     if isinstance(tree, HoleRadixCache):
         out["policy"] = tree.policy
         out["stats"] = dict(tree.stats)
+        if tree.chunks is not None:
+            store = tree.chunks.store
+            out["chunks"] = {"entries": len(store), "tokens": store.total_size, "locked": store.protected_size}
         try:
             tree.check_integrity()
             out["integrity"] = "ok"

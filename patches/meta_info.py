@@ -1,4 +1,4 @@
-"""Per-request ``meta_info`` fields: ``recomputed_tokens`` and ``hole_spans``.
+"""Per-request ``meta_info`` fields: ``recomputed_tokens``, ``hole_spans``, ``chunk_reuse``.
 
 They travel through SGLang's ``customized_info`` channel (scheduler -> detokenizer ->
 tokenizer manager), as request-level values: the scheduler's output streamer emits
@@ -7,7 +7,9 @@ first chunk), and the tokenizer manager writes them into ``meta_info``:
 
 * ``recomputed_tokens`` (int): prompt tokens this request computed (holes + uncached tail);
 * ``hole_spans`` (list of ``[start, end)`` pairs, prompt positions, ascending): the
-  spans it computed. A request without holes has one span ``[cached_tokens, n)``.
+  spans it computed. A request without holes has one span ``[cached_tokens, n)``;
+* ``chunk_reuse`` (chunk-mode requests only): ``{"policy", "k" | "ratio", "chunks",
+  "reused_chunks", "reused_tokens"}``.
 
 Together with SGLang's ``cached_tokens`` (every reused token, holes excluded):
 ``cached_tokens + recomputed_tokens == prompt_tokens``. Set only by servers running
@@ -22,7 +24,8 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 RECOMPUTED = "recomputed_tokens"
 SPANS = "hole_spans"
-KEYS = (RECOMPUTED, SPANS)
+CHUNKS = "chunk_reuse"
+KEYS = (RECOMPUTED, SPANS, CHUNKS)
 
 IS_REQUEST_LEVEL = ("sglang.srt.managers.scheduler_components.output_streamer."
                     "SchedulerOutputStreamer.is_request_level_customized_info_key")
@@ -46,6 +49,18 @@ def record_recomputed(req: Any, spans: list[tuple[int, int]]) -> None:
     req.customized_info = info
 
 
+def record_chunk_reuse(req: Any, state: Any) -> None:
+    """``meta_info["chunk_reuse"]`` of a chunk-mode request: policy, chunks, chunks and tokens reused."""
+    info = req.customized_info if req.customized_info is not None else {}
+    hints = state.hints
+    params = {"k": hints.k} if hints.policy == "first_k" else {"ratio": hints.ratio} \
+        if hints.policy == "deviation" else {}
+    info[CHUNKS] = [{"policy": hints.policy, **params, "chunks": len(hints.chunks),
+                     "reused_chunks": sum(e is not None for e in state.hits),
+                     "reused_tokens": state.reused_tokens}]
+    req.customized_info = info
+
+
 def _around_is_request_level(original: Any, streamer: Any, key: str) -> bool:
     return key in KEYS or original(streamer, key)
 
@@ -59,6 +74,8 @@ def _around_update_meta(original: Any, manager: Any, meta_info: dict, state: Any
     if ours.get(RECOMPUTED):  # [] for another request of the same output batch
         meta_info[RECOMPUTED] = int(ours[RECOMPUTED][0])
         meta_info[SPANS] = [list(span) for span in ours.get(SPANS, [])]
+    if ours.get(CHUNKS):
+        meta_info[CHUNKS] = dict(ours[CHUNKS][0])
 
 
 def register() -> None:

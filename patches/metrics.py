@@ -3,13 +3,15 @@
 Created in the scheduler process, after SGLang has set ``PROMETHEUS_MULTIPROC_DIR``,
 so they are served by SGLang's own ``/metrics`` endpoint next to ``sglang:*``:
 
-=======================================  =====================================================
-``sglang_holes:reused_tokens_total``     cached prompt tokens reused by hole requests (all spans)
-``sglang_holes:recomputed_tokens_total`` prompt tokens a hole request computed (holes + tail)
-``sglang_holes:hole_spans_filled_total`` interior holes filled (the uncached tail not counted)
-``sglang_holes:hole_requests_total``     requests that ran the hole path
-``sglang_holes:fallbacks_total``         requests with KV beyond a hole that took the stock path
-=======================================  =====================================================
+=============================================  =====================================================
+``sglang_holes:reused_tokens_total``           cached prompt tokens reused by hole requests (all spans)
+``sglang_holes:recomputed_tokens_total``       prompt tokens a hole request computed (holes + tail)
+``sglang_holes:hole_spans_filled_total``       interior holes filled (the uncached tail not counted)
+``sglang_holes:hole_requests_total``           requests that ran the hole path
+``sglang_holes:fallbacks_total``               requests with KV beyond a hole that took the stock path
+``sglang_holes:chunk_requests_total``          chunk-mode requests that reused stored chunk KV
+``sglang_holes:chunk_reused_tokens_total``     prompt tokens such requests took from the chunk store
+=============================================  =====================================================
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ COUNTERS = {
     "hole_spans_filled": "Interior holes recomputed and re-inserted into the cache.",
     "hole_requests": "Requests that ran the one-pass hole path.",
     "fallbacks": "Requests with cached KV beyond a hole that took SGLang's stock path.",
+    "chunk_requests": "Chunk-mode (RAG) requests that reused stored chunk KV.",
+    "chunk_reused_tokens": "Prompt tokens chunk-mode requests reused from the chunk store.",
 }
 
 

@@ -40,7 +40,14 @@ def load() -> None:
     register_radix_cache_backend("holes", holes_factory)
 
     # Active only for servers that select --radix-cache-backend holes.
-    from sglang_holes.patches import attention_torch_native, extend_batch, http_routes, meta_info, rpc
+    from sglang_holes.patches import (
+        attention_torch_native,
+        chunk_validation,
+        extend_batch,
+        http_routes,
+        meta_info,
+        rpc,
+    )
 
     extend_batch.register()
     attention_torch_native.register()
@@ -48,6 +55,7 @@ def load() -> None:
     _register_flashinfer()
     meta_info.register()
     http_routes.register()
+    chunk_validation.register()
 
 
 def _register_flashinfer() -> None:

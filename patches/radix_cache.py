@@ -41,10 +41,14 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
+from sglang_holes.chunk_store import ChunkStore
 from sglang_holes.eviction import POLICIES
+from sglang_holes.patches.chunk_cache import ChunkReuse, probe_loader_for
+from sglang_holes.patches.chunk_hints import chunk_hints_of
 from sglang_holes.patches.forward_plan import mode_from_env
 from sglang_holes.patches.metrics import COUNTERS, HoleMetrics
 from sglang_holes.recompute_cost import RecomputeCost
+from sglang_holes.rope import RopeSpec, UnsupportedRopeError
 from sglang_holes.tree import HoleTree, Node, TreeHandle
 
 logger = logging.getLogger("sglang_holes")
@@ -65,7 +69,7 @@ class HoleRadixCache(BasePrefixCache):
 
     def __init__(self, params: CacheInitParams, cost_model: RecomputeCost | None = None,
                  policy: str | None = None, hole_extend: bool = False, metrics: HoleMetrics | None = None,
-                 prefix_only: bool = False) -> None:
+                 prefix_only: bool = False, chunks: ChunkReuse | None = None) -> None:
         if params.page_size != 1:
             raise ValueError("the holes radix cache supports page_size=1 (--page-size 1) for now")
         self.disable = params.disable
@@ -85,6 +89,8 @@ class HoleRadixCache(BasePrefixCache):
         self.borrowed: dict[int, list[tuple[int, int]]] = {}
         self.stats = dict.fromkeys(COUNTERS, 0)
         self.metrics = metrics
+        # RAG chunk mode (patches/chunk_cache.py); None: chunk hints are served as plain requests.
+        self.chunks = chunks
         self.reset()
 
     def count(self, key: str, amount: int = 1) -> None:
@@ -120,6 +126,8 @@ class HoleRadixCache(BasePrefixCache):
         self._trees: dict[tuple[Any, Any], HoleTree] = {}
         self._tree_of_root: dict[int, HoleTree] = {}
         self.root_node = self._tree().root
+        if self.chunks is not None:
+            self.chunks.store = ChunkStore()
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
 
     def supports_prefix_sharing(self) -> bool:
@@ -130,8 +138,12 @@ class HoleRadixCache(BasePrefixCache):
         if self.disable or len(key) == 0:
             return MatchResult(0, self.root_node, self.root_node, self.root_node)
         tree = self._tree(getattr(key, "extra_key", None), getattr(key, "cache_salt", None))
-        result = tree.match(self._tokens(key))
         req = params.req
+        if req is not None and self.chunks is not None and chunk_hints_of(req) is not None:
+            # Chunk mode never reads the exact tree (and never writes it: see checkpoint).
+            req.holes_match, req.holes_fallback = None, False
+            return MatchResult(0, tree.root, tree.root, tree.root)
+        result = tree.match(self._tokens(key))
         beyond = 0 if self.prefix_only else result.reused_tokens - result.cached_prefix_len
         if beyond > 0 and req is not None and not self._room_for_holes(
                 len(key) + 1 - result.cached_prefix_len, result.reused_tokens):
@@ -179,6 +191,8 @@ class HoleRadixCache(BasePrefixCache):
         super().free_kv_row(kv, ranges)
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
+        if self.chunks is not None:
+            self.chunks.release(req)
         if req.kv.req_pool_idx is not None:
             self.borrowed.pop(req.kv.req_pool_idx, None)
 
@@ -205,6 +219,13 @@ class HoleRadixCache(BasePrefixCache):
             return
         kv = req.kv
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
+        if self.chunks is not None and chunk_hints_of(req) is not None:
+            # Approximate KV stays out of the exact tree; computed chunks go to the store.
+            owned = self.chunks.store_computed(req, row[:up_to].to(torch.int64).cpu(), up_to)
+            if owned:
+                self.borrowed.setdefault(kv.req_pool_idx, []).extend(owned)
+                self.borrowed[kv.req_pool_idx].sort()
+            return
         tokens = list(req.full_untruncated_fill_ids[:up_to])
         key_len = len(tokens) - len(tokens) % self.page_size
         tree = self._tree(req.extra_key, req.cache_salt)
@@ -222,11 +243,19 @@ class HoleRadixCache(BasePrefixCache):
         req.lock = self.lock(result.handle.node)
         req.last_node = result.handle.node
 
+    def _holders(self) -> list[Any]:
+        """Everything that owns slots: each namespace's tree, and the chunk store."""
+        out: list[Any] = list(self._trees.values())
+        if self.chunks is not None:
+            out.append(self.chunks.store)
+        return out
+
     def evict(self, params: EvictParams) -> EvictResult:
-        """Evict by the policy inside each namespace's tree, largest evictable tree first."""
+        """One rule for prefixes and chunks: the holder (a namespace's tree, or the chunk store)
+        with the most evictable tokens gives first, by its own order (tree: its policy; store: LRU)."""
         want = params.num_tokens
         freed = 0
-        for tree in sorted(self._trees.values(), key=lambda t: -t.evictable_size):
+        for tree in sorted(self._holders(), key=lambda t: -t.evictable_size):
             if freed >= want:
                 break
             n = min(want - freed, tree.evictable_size)
@@ -273,22 +302,22 @@ class HoleRadixCache(BasePrefixCache):
         return int(freed.numel())
 
     def evictable_size(self) -> int:
-        return sum(t.evictable_size for t in self._trees.values())
+        return sum(t.evictable_size for t in self._holders())
 
     def full_evictable_size(self) -> int:
         return self.evictable_size()
 
     def protected_size(self) -> int:
-        return sum(t.protected_size for t in self._trees.values())
+        return sum(t.protected_size for t in self._holders())
 
     def full_protected_size(self) -> int:
         return self.protected_size()
 
     def total_size(self) -> int:
-        return sum(t.total_size for t in self._trees.values())
+        return sum(t.total_size for t in self._holders())
 
     def all_values_flatten(self) -> torch.Tensor:
-        parts = [t.owned_slots() for t in self._trees.values()]
+        parts = [t.owned_slots() for t in self._holders()]
         return torch.cat(parts) if parts else self._empty
 
     def pretty_print(self) -> None:
@@ -297,11 +326,11 @@ class HoleRadixCache(BasePrefixCache):
                   f"({tree.evictable_size} evictable, {tree.protected_size} locked)")
 
     def check_integrity(self) -> None:
-        """Every tree's integrity, and no slot owned by two namespaces."""
-        for tree in self._trees.values():
-            tree.check_integrity()
+        """Every tree's and the chunk store's integrity, and no slot owned twice."""
+        for holder in self._holders():
+            holder.check_integrity()
         owned = self.all_values_flatten()
-        assert owned.unique().numel() == owned.numel(), "a slot is owned by two namespaces"
+        assert owned.unique().numel() == owned.numel(), "a slot is owned by two namespaces (or tree and store)"
 
 
 def _subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -363,4 +392,18 @@ def factory(ctx: Any) -> HoleRadixCache:
     if getattr(args, "enable_metrics", False):
         metrics = HoleMetrics(args.served_model_name or args.model_path)
     return HoleRadixCache(ctx.params, cost_model=cost, hole_extend=reason is None, metrics=metrics,
-                          prefix_only=mode_from_env() == "prefix-only")
+                          prefix_only=mode_from_env() == "prefix-only", chunks=_chunk_reuse(ctx, hf, reason))
+
+
+def _chunk_reuse(ctx: Any, hf: Any, reason: str | None) -> ChunkReuse | None:
+    """Chunk mode needs hole batches, an MHA KV pool (per-layer K/V buffers) and re-rotatable RoPE."""
+    if reason is not None or hf is None or ctx.disable_radix_cache:
+        return None
+    config = hf.to_dict()
+    try:
+        rope = RopeSpec.from_config(config)
+    except UnsupportedRopeError as e:  # requests with chunk hints are refused at entry
+        logger.warning("chunk reuse disabled: %s", e)
+        return None
+    return ChunkReuse(ctx.params.token_to_kv_pool_allocator, rope,
+                      probe_loader=probe_loader_for(ctx.tp_worker, config))

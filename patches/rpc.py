@@ -1,9 +1,10 @@
-"""``Engine.evict_span`` and ``POST /holes/evict`` reach the scheduler through SGLang's RPC channel.
+"""Our RPC methods (``evict_span``, ``chunk_kv``) reach the scheduler through SGLang's RPC channel.
 
-An AROUND hook on ``Scheduler.handle_rpc_request`` answers the method
-``sglang_holes.evict_span`` itself (every other method goes to SGLang unchanged). The
-reply is SGLang's ``RpcReqOutput``: ``success`` and a JSON ``message`` carrying the
-number of freed tokens, or the error for bad input (the server keeps serving).
+An AROUND hook on ``Scheduler.handle_rpc_request`` answers the methods
+``sglang_holes.evict_span`` and ``sglang_holes.chunk_kv`` itself (every other method
+goes to SGLang unchanged). The reply is SGLang's ``RpcReqOutput``: ``success`` and a
+JSON ``message`` carrying the result, or the error for bad input (the server keeps
+serving).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler.handle_rpc_request"
 EVICT_SPAN = "sglang_holes.evict_span"
+CHUNK_KV = "sglang_holes.chunk_kv"
 
 
 def _around_rpc(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwargs: Any) -> Any:
-    if getattr(recv_req, "method", None) != EVICT_SPAN:
+    method = getattr(recv_req, "method", None)
+    if method not in (EVICT_SPAN, CHUNK_KV):
         return original(scheduler, recv_req, *args, **kwargs)
     from sglang.srt.managers.io_struct import RpcReqOutput
 
@@ -28,7 +31,14 @@ def _around_rpc(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwar
     p = recv_req.parameters or {}
     try:
         if not isinstance(tree, HoleRadixCache):
-            raise ValueError("evict_span needs the holes radix cache (--radix-cache-backend holes)")
+            raise ValueError(f"{method} needs the holes radix cache (--radix-cache-backend holes)")
+        if method == CHUNK_KV:
+            if tree.chunks is None:
+                raise ValueError("chunk reuse is not enabled on this server")
+            k, v, offset = tree.chunks.read(p.get("tokens") or [], (p.get("extra_key"), p.get("cache_salt")),
+                                            p.get("layer", 0), p.get("offset"))
+            return RpcReqOutput(success=True, message=json.dumps({"k": k.tolist(), "v": v.tolist(),
+                                                                  "offset": offset}))
         freed = tree.evict_span(p.get("input_ids") or [], p.get("start"), p.get("end"),
                                 p.get("extra_key"), p.get("cache_salt"))
         return RpcReqOutput(success=True, message=json.dumps({"freed_tokens": freed}))
@@ -57,15 +67,20 @@ def call_evict_span(sock: Any, params: dict[str, Any], timeout_s: float = 60.0) 
     Returns the freed token count; raises ``ValueError`` with the scheduler's message for
     bad input and ``TimeoutError`` if the scheduler does not answer in ``timeout_s``.
     """
+    return int(call_rpc(sock, EVICT_SPAN, params, timeout_s)["freed_tokens"])
+
+
+def call_rpc(sock: Any, method: str, params: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+    """One of our RPC methods -> its JSON reply (``ValueError`` / ``TimeoutError`` as above)."""
     import zmq
     from sglang.srt.managers.io_struct import RpcReqInput, sock_recv, sock_send
 
     while sock.poll(0, zmq.POLLIN):  # a late reply to a call that timed out: replies carry no id
         sock_recv(sock)
-    sock_send(sock, RpcReqInput(method=EVICT_SPAN, parameters=params))
+    sock_send(sock, RpcReqInput(method=method, parameters=params))
     if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-        raise TimeoutError(f"the scheduler did not answer {EVICT_SPAN} within {timeout_s:.0f} s")
+        raise TimeoutError(f"the scheduler did not answer {method} within {timeout_s:.0f} s")
     reply = sock_recv(sock)
     if not reply.success:
         raise ValueError(reply.message)
-    return int(json.loads(reply.message)["freed_tokens"])
+    return json.loads(reply.message)

@@ -65,6 +65,10 @@ class ChunkStore:
             entry.hits += 1
         return entry
 
+    def get(self, tokens: Sequence[int], namespace: Hashable = None) -> ChunkEntry | None:
+        """The entry of this chunk without counting a use (inspection)."""
+        return self._entries.get((namespace, tuple(int(t) for t in tokens)))
+
     def insert(self, tokens: Sequence[int], slots: torch.Tensor, offset: int,
                namespace: Hashable = None) -> tuple[ChunkEntry, torch.Tensor]:
         """Store a chunk's KV; returns ``(entry, rejected)``.

@@ -20,13 +20,14 @@ from what full context would give: CacheBlend's selection; scores come from the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 ACTION_TYPE = "sglang_holes.chunks"
+PROTOCOL_VERSION = "1"  # of SGLang's kv_hints envelope
 VERSIONS = ("1",)
 POLICIES = ("none", "first_k", "deviation")
 
@@ -125,3 +126,48 @@ def recompute_mask(n: int, hints: ChunkHints, reused: Sequence[bool],
             mask[candidates[top]] = True
     mask[n - 1] = True
     return mask
+
+
+def chunk_envelope(chunks: Sequence[Span], policy: str = "first_k", message_id: str = "",
+                   **params: Any) -> dict[str, Any]:
+    """A ``kv_hints`` envelope (JSON-ready dict) with one ``sglang_holes.chunks`` v1 action.
+
+    ``chunks``: half-open token offsets ``[start, end)`` into the prompt; ``params``: ``k``
+    (``first_k``) or ``ratio`` (``deviation``). Validated here (``ValueError``) and again by
+    the server.
+    """
+    spans = [[int(s), int(e)] for s, e in chunks]
+    payload: dict[str, Any] = {"chunks": spans, "policy": policy, **params}
+    parse_chunk_action(VERSIONS[-1], payload)
+    return {"protocol_version": PROTOCOL_VERSION, "message_id": message_id,
+            "actions": [{"action_id": "chunks", "action_type": ACTION_TYPE, "action_version": VERSIONS[-1],
+                         "payload": payload}]}
+
+
+class ChunkedPrompt(NamedTuple):
+    """A prompt assembled from chunks: ``input_ids`` and the ``kv_hints`` marking every chunk."""
+
+    input_ids: list[int]
+    kv_hints: dict[str, Any]
+    chunks: list[Span]
+
+
+def build_chunked_prompt(chunks: Sequence[str | Sequence[int]], encode: Callable[[str], list[int]],
+                         prefix: Sequence[int] = (), policy: str = "first_k", **params: Any) -> ChunkedPrompt:
+    """Concatenate chunks (text, encoded with ``encode`` and no special tokens, or token ids).
+
+    ``prefix`` (e.g. the tokenizer's BOS) goes first and is not a chunk, so a document's
+    tokens are the same wherever it appears. Every chunk, the question included, is
+    marked: a chunk seen before is reused, the others are stored once computed.
+    """
+    if isinstance(chunks, str) or not chunks:
+        raise ValueError("prompt_chunks must be a non-empty list of chunks (text or token-id lists)")
+    ids = [int(t) for t in prefix]
+    spans = []
+    for i, c in enumerate(chunks):
+        toks = encode(c) if isinstance(c, str) else list(c)
+        if not toks or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in toks):
+            raise ValueError(f"chunk {i} is empty or not text / a list of token ids")
+        spans.append((len(ids), len(ids) + len(toks)))
+        ids += toks
+    return ChunkedPrompt(ids, chunk_envelope(spans, policy, **params), spans)

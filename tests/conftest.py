@@ -76,6 +76,13 @@ def engine(engines: Engines, embedded_model: Path) -> object:
 
 
 @pytest.fixture(scope="session")
+def holes_engine(engines: Engines, embedded_model: Path) -> object:
+    """The embedded model on the ``holes`` cache (cost-aware eviction, a small pool); chunk mode on."""
+    return engines.start(env={"SGLANG_HOLES_EVICTION_POLICY": "cost-aware"}, model_path=str(embedded_model),
+                         log_level="error", radix_cache_backend="holes", max_total_tokens=3400, random_seed=0)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(embedded_model: Path):
     from transformers import AutoTokenizer
 

@@ -56,3 +56,25 @@ def test_policies():
         recompute_mask(n, ChunkHints(chunks, "deviation"), [True, True])
     last = recompute_mask(10, ChunkHints(((0, 10),), "none"), [True])
     assert last.nonzero().flatten().tolist() == [9]  # the last token always runs
+
+
+def test_chunk_envelope_and_chunked_prompt():
+    from sglang_holes.chunks import ACTION_TYPE, build_chunked_prompt, chunk_envelope
+
+    env = chunk_envelope([(0, 3), (3, 5)], "deviation", ratio=0.2)
+    (action,) = env["actions"]
+    assert action["action_type"] == ACTION_TYPE and action["action_version"] == "1"
+    assert parse_chunk_action("1", action["payload"]) == ChunkHints(((0, 3), (3, 5)), "deviation", ratio=0.2)
+    with pytest.raises(ValueError, match="overlap"):
+        chunk_envelope([(0, 3), (2, 5)])
+
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    p = build_chunked_prompt(["ab", [7, 8, 9], "c"], encode, prefix=[1], policy="none")
+    assert p.input_ids == [1, 97, 98, 7, 8, 9, 99]
+    assert p.chunks == [(1, 3), (3, 6), (6, 7)]
+    assert p.kv_hints["actions"][0]["payload"] == {"chunks": [[1, 3], [3, 6], [6, 7]], "policy": "none"}
+    for bad in ([], "text", ["ok", ""], ["ok", [1, -2]]):
+        with pytest.raises(ValueError):
+            build_chunked_prompt(bad, encode)

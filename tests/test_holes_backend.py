@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import pytest
 
@@ -22,12 +21,6 @@ SAMPLING = {"max_new_tokens": 4, "temperature": 0.0}
 # ~1e-6 on logprobs after 30 layers; 1e-4 leaves headroom without hiding a wrong key
 # or position (which moves logprobs by O(0.1)).
 LOGPROB_TOL = 1e-4
-
-
-@pytest.fixture(scope="session")
-def holes_engine(engines, embedded_model: Path) -> object:
-    return engines.start(env={"SGLANG_HOLES_EVICTION_POLICY": "cost-aware"}, model_path=str(embedded_model),
-                         log_level="error", radix_cache_backend="holes", max_total_tokens=3400, random_seed=0)
 
 
 def _cache(eng) -> dict:

@@ -163,12 +163,17 @@ def test_uncovered_features_take_the_stock_path_and_are_counted(tiny_engines):
     _check_pool(holes)
 
 
-def test_chunked_prefill_with_holes_takes_the_stock_path(engines, tiny_llama: Path, tiny_engines):
+@pytest.fixture(scope="module")
+def chunked(engines, tiny_llama: Path) -> object:
+    """The tiny model with SGLang's chunked prefill at 128 tokens."""
+    return engines.start(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
+                         radix_cache_backend="holes", max_total_tokens=2000, chunked_prefill_size=128)
+
+
+def test_chunked_prefill_with_holes_takes_the_stock_path(chunked, tiny_engines):
     """SGLang chunks a long request (by the tokens after its leading cached run); with holes it
     then takes the stock path, counted, with cold-run output and every slot accounted for."""
     _, cold = tiny_engines
-    chunked = engines.start(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
-                            radix_cache_backend="holes", max_total_tokens=2000, chunked_prefill_size=128)
     rng = random.Random(11)
     ids = [rng.randrange(3, 2000) for _ in range(420)]
     chunked.generate(input_ids=ids, sampling_params=SAMPLING)
@@ -184,3 +189,75 @@ def test_chunked_prefill_with_holes_takes_the_stock_path(engines, tiny_llama: Pa
     assert chunked.flush_cache().success
     c = _check_pool(chunked)
     assert c["available"] == c["pool_size"]
+
+
+def _chunk_request(rng: random.Random, docs: list[list[int]]) -> tuple[list[int], dict | None, bool]:
+    """(input_ids, kv_hints, exact?): a chunk request under a random policy, or an exact one."""
+    from sglang_holes.chunks import build_chunked_prompt
+
+    picked = rng.sample(docs, rng.randint(2, 5))
+    question = [rng.randrange(3, 2000) for _ in range(rng.randint(5, 15))]
+    if rng.random() < 0.35:
+        return [t for d in picked for t in d] + question, None, True
+    policy, params, exact = rng.choice([("none", {}, False), ("first_k", {"k": rng.randint(0, 20)}, False),
+                                        ("first_k", {"k": 10_000}, True),
+                                        ("deviation", {"ratio": rng.choice([0.05, 0.2, 0.5])}, False)])
+    p = build_chunked_prompt([*picked, question], lambda text: [], policy=policy, **params)
+    return p.input_ids, p.kv_hints, exact
+
+
+def test_soak_mixed_chunk_and_exact_requests(tiny_engines):
+    """150 requests, a third exact and the rest chunk-mode under every policy, singles and
+    mixed batches, in a pool that holds ~5 prompts: exact requests (and chunk requests
+    that recompute everything) equal cold runs, no slot leaks, integrity after every step."""
+    holes, cold = tiny_engines
+    rng = random.Random(4321)
+    docs = [[rng.randrange(3, 2000) for _ in range(rng.randint(40, 120))] for _ in range(10)]
+    assert holes.flush_cache().success
+    initial = _check_pool(holes)
+    sent, checked, before = 0, 0, _cache(holes)["stats"]["chunk_requests"]
+    while sent < 150:
+        batch = [_chunk_request(rng, docs) for _ in range(3 if rng.random() < 0.3 else 1)]
+        outs = holes.generate(input_ids=[b[0] for b in batch], kv_hints=[b[1] for b in batch],
+                              sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
+        for (ids, hints, exact), out in zip(batch, outs, strict=True):
+            meta = out["meta_info"]
+            assert meta["cached_tokens"] + meta["recomputed_tokens"] == meta["prompt_tokens"], meta
+            assert ("chunk_reuse" in meta) == (hints is not None), meta
+            if exact:
+                _compare(out, cold.generate(input_ids=ids, sampling_params=SAMPLING, return_logprob=True,
+                                            top_logprobs_num=5), (sent, hints))
+                checked += 1
+        sent += len(batch)
+        c = _check_pool(holes)
+    assert checked > 30 and _cache(holes)["stats"]["chunk_requests"] - before > 40, (checked, c)
+    assert c["chunks"]["entries"] > 0
+    assert holes.flush_cache().success
+    final = _check_pool(holes)
+    assert (final["available"], final["evictable"], final["chunks"]["entries"]) == (initial["pool_size"], 0, 0)
+
+
+def test_chunk_requests_under_chunked_prefill(chunked, tiny_engines):
+    """A chunk request SGLang prefills in 128-token pieces stores its chunks as the pieces
+    complete (locked while it runs); a later request reuses them; nothing leaks."""
+    _, cold = tiny_engines
+    from sglang_holes.chunks import build_chunked_prompt
+
+    rng = random.Random(5)
+    docs = [[rng.randrange(3, 2000) for _ in range(rng.randint(60, 110))] for _ in range(4)]
+    q = [rng.randrange(3, 2000) for _ in range(8)]
+    assert chunked.flush_cache().success
+    first = build_chunked_prompt([*docs, q], lambda text: [], policy="first_k", k=10_000)
+    out = chunked.generate(input_ids=first.input_ids, kv_hints=first.kv_hints, sampling_params=SAMPLING,
+                           return_logprob=True, top_logprobs_num=5)
+    _compare(out, cold.generate(input_ids=first.input_ids, sampling_params=SAMPLING, return_logprob=True,
+                                top_logprobs_num=5), "chunked chunk request")
+    c = _check_pool(chunked)
+    assert c["chunks"]["entries"] == 5
+    again = build_chunked_prompt([docs[3], docs[1], docs[0], docs[2], q], lambda text: [], policy="none")
+    out = chunked.generate(input_ids=again.input_ids, kv_hints=again.kv_hints, sampling_params=SAMPLING)
+    # longer than one 128-token piece: prefilled in pieces, so no reuse (counted as plain compute)
+    assert out["meta_info"]["chunk_reuse"]["reused_tokens"] == 0
+    _check_pool(chunked)
+    assert chunked.flush_cache().success
+    assert _check_pool(chunked)["available"] == c["pool_size"]

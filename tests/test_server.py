@@ -75,6 +75,7 @@ def test_make_serve_answers_and_shuts_down_cleanly(embedded_model: Path, tokeniz
         info = requests.get(f"{base}/get_server_info", timeout=10).json()
         assert info["internal_states"][0]["sglang_holes"]["pid"] != proc.pid
         _check_holes_over_http(base, tokenizer)
+        _check_chunks_over_http(base, tokenizer)
     finally:
         sid = proc.pid
         os.killpg(sid, signal.SIGINT)  # what Ctrl-C in the terminal of `make serve` sends
@@ -181,3 +182,42 @@ def test_serve_refuses_non_model_folder(tmp_path):
     assert r.returncode == 2
     assert "no config.json" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written there
+
+
+def _check_chunks_over_http(base: str, tokenizer) -> None:
+    """A RAG prompt as chunks through /generate's kv_hints: stored, then reused moved; bad hints get 400."""
+    from sglang_holes.chunks import build_chunked_prompt
+
+    docs = [f"Report {i}: " + " ".join(f"station {i}-{j} measured {(i * 31 + j * 7) % 40} mm of rain."
+                                       for j in range(10)) + "\n" for i in range(3)]
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    sampling = {"max_new_tokens": 4, "temperature": 0}
+    first = build_chunked_prompt([*docs, "Question: where did it rain most?"], encode, policy="first_k", k=4)
+    r = requests.post(f"{base}/generate", json={"input_ids": first.input_ids, "kv_hints": first.kv_hints,
+                                                "sampling_params": sampling})
+    assert r.status_code == 200, r.text
+    assert r.json()["meta_info"]["chunk_reuse"]["reused_chunks"] == 0
+    moved = build_chunked_prompt([docs[2], docs[0], docs[1], "Question: where was it dry?"], encode,
+                                 policy="first_k", k=4)
+    r = requests.post(f"{base}/generate", json={"input_ids": moved.input_ids, "kv_hints": moved.kv_hints,
+                                                "sampling_params": sampling})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta_info"]
+    reused_docs = sum(e - s for s, e in moved.chunks[:3]) - 3 * 4
+    assert meta["chunk_reuse"] == {"policy": "first_k", "k": 4, "chunks": 4, "reused_chunks": 3,
+                                   "reused_tokens": reused_docs}, meta
+    assert meta["cached_tokens"] == reused_docs
+    bad = dict(moved.kv_hints, actions=[dict(moved.kv_hints["actions"][0], payload={"chunks": [[0, 10**6]]})])
+    for hints, msg in [(bad, "out of range"), ({"actions": 3}, "expected a sequence")]:
+        r = requests.post(f"{base}/generate", json={"input_ids": moved.input_ids, "kv_hints": hints,
+                                                    "sampling_params": sampling})
+        assert r.status_code == 400 and msg in r.text, r.text
+    r = requests.post(f"{base}/generate", json={"input_ids": moved.input_ids, "kv_hints": moved.kv_hints,
+                                                "sampling_params": sampling})
+    assert r.status_code == 200 and r.json()["meta_info"]["chunk_reuse"]["reused_chunks"] == 4, r.text
+    metrics = requests.get(f"{base}/metrics", timeout=10).text
+    assert any(line.startswith("sglang_holes:chunk_requests_total") and float(line.rsplit(" ", 1)[1]) >= 2
+               for line in metrics.splitlines()), metrics

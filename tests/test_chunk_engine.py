@@ -1,0 +1,177 @@
+"""RAG chunk mode in the real SGLang engine (CPU, embedded SmolLM2): chunk KV reused at any position.
+
+Exactness where the definition demands it (re-rotated K at layer 0; a chunk reused
+at its original offset after the same prefix; ``first_k`` with ``k`` >= chunk length),
+chunk KV kept away from exact requests, tenants kept apart, bad hints refused.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.engine
+
+SAMPLING = {"max_new_tokens": 4, "temperature": 0.0}
+LOGPROB_TOL = 1e-4  # fp32 end to end, see tests/test_holes_backend.py
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _cache(eng) -> dict:
+    return eng.get_server_info()["internal_states"][0]["sglang_holes"]["cache"]
+
+
+def _docs(tokenizer, seed: int, n: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    texts = [f"Passage {i}: " + " ".join(f"The {rng.choice(['red', 'blue', 'green'])} box {i}-{j} holds "
+                                          f"{rng.randint(1, 999)} coins." for j in range(rng.randint(8, 14)))
+             for i in range(n)]
+    return [tokenizer(t + "\n", add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _question(tokenizer, text: str) -> list[int]:
+    return tokenizer(f"Question: {text}\nAnswer:", add_special_tokens=False)["input_ids"]
+
+
+def _gen(eng, **kw) -> dict:
+    return eng.generate(sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5, **kw)
+
+
+def _same(got: dict, ref: dict) -> None:
+    assert got["output_ids"] == ref["output_ids"]
+    for a, b in zip(got["meta_info"]["output_top_logprobs"], ref["meta_info"]["output_top_logprobs"], strict=True):
+        assert [t[1] for t in a] == [t[1] for t in b]
+        assert max(abs(x[0] - y[0]) for x, y in zip(a, b, strict=True)) <= LOGPROB_TOL
+    meta = got["meta_info"]
+    assert meta["cached_tokens"] + meta["recomputed_tokens"] == meta["prompt_tokens"], meta
+
+
+@pytest.fixture
+def chunk_engine(holes_engine):
+    assert holes_engine.flush_cache().success
+    yield holes_engine
+    c = _cache(holes_engine)
+    assert c["integrity"] == "ok" and c["protected"] == 0, c
+    assert c["available"] + c["evictable"] == c["pool_size"], c
+
+
+def test_rerotated_k_equals_k_computed_at_the_new_position(chunk_engine, tokenizer):
+    """Layer-0 K depends only on the token and its position, so moving a stored chunk by
+    re-rotation must give the K a fresh prefill computes there (float32 rounding aside)."""
+    d0, d1 = _docs(tokenizer, 1, 2)
+    q = _question(tokenizer, "How many coins?")
+    chunk_engine.generate(prompt_chunks=[d1, q], sampling_params=SAMPLING)  # stores d1 at offset 0
+    chunk_engine.generate(prompt_chunks=[d0 + d1, q], sampling_params=SAMPLING)  # d1 computed after d0
+    target = len(d0)
+    k_moved, v_moved, stored_at = chunk_engine.chunk_kv(d1, layer=0, offset=target)
+    assert stored_at == 0
+    k_fresh, v_fresh, _ = chunk_engine.chunk_kv(d0 + d1, layer=0)
+    k_fresh, v_fresh = k_fresh[target:], v_fresh[target:]
+    # SGLang forms RoPE angles p·θ in float32 (error ~ε·p rad at both positions) and the
+    # projections differ by batch shape only: 4ε(p+8)·max|k| bounds it (tests/test_rope.py).
+    bound = 4 * EPS32 * (target + len(d1) + 8) * k_fresh.abs().max().item()
+    assert (k_moved - k_fresh).abs().max().item() <= bound
+    assert (v_moved - v_fresh).abs().max().item() <= 8 * EPS32 * v_fresh.abs().max().item()
+    k_unmoved = chunk_engine.chunk_kv(d1, layer=0)[0]  # what reuse without re-rotation would read
+    assert (k_unmoved - k_fresh).abs().max().item() > 100 * bound
+
+
+def test_same_offset_after_same_prefix_equals_exact(chunk_engine, engine, tokenizer):
+    d1, d2 = _docs(tokenizer, 2, 2)
+    q1, q2 = _question(tokenizer, "Which box is red?"), _question(tokenizer, "Which box holds most coins?")
+    first = chunk_engine.generate(prompt_chunks=[d1, d2, q1], sampling_params=SAMPLING, chunk_policy="none")
+    assert first["meta_info"]["chunk_reuse"]["reused_chunks"] == 0
+    got = _gen(chunk_engine, prompt_chunks=[d1, d2, q2], chunk_policy="none")
+    reuse = got["meta_info"]["chunk_reuse"]
+    assert reuse == {"policy": "none", "chunks": 3, "reused_chunks": 2, "reused_tokens": len(d1) + len(d2)}
+    assert got["meta_info"]["cached_tokens"] == len(d1) + len(d2)
+    assert got["meta_info"]["recomputed_tokens"] == len(q2)
+    engine.flush_cache()
+    _same(got, _gen(engine, input_ids=d1 + d2 + q2))
+
+
+def test_first_k_covering_every_chunk_equals_exact(chunk_engine, engine, tokenizer):
+    d1, d2, d3 = _docs(tokenizer, 3, 3)
+    q = _question(tokenizer, "Which box is blue?")
+    chunk_engine.generate(prompt_chunks=[d1, d2, d3, q], sampling_params=SAMPLING)
+    got = _gen(chunk_engine, prompt_chunks=[d3, d1, d2, q], chunk_policy="first_k", chunk_k=10_000)
+    reuse = got["meta_info"]["chunk_reuse"]
+    assert reuse["reused_chunks"] == 4 and reuse["reused_tokens"] == 0, reuse
+    engine.flush_cache()
+    _same(got, _gen(engine, input_ids=d3 + d1 + d2 + q))
+
+
+@pytest.mark.parametrize("policy, params", [("none", {}), ("first_k", {"chunk_k": 8}),
+                                            ("deviation", {"chunk_ratio": 0.25})])
+def test_moved_chunks_are_reused_under_each_policy(chunk_engine, tokenizer, policy, params):
+    d1, d2, d3 = _docs(tokenizer, 4, 3)
+    q = _question(tokenizer, "Which box is green?")
+    chunk_engine.generate(prompt_chunks=[d1, d2, d3, q], sampling_params=SAMPLING)
+    got = chunk_engine.generate(prompt_chunks=[d2, d3, d1, q], sampling_params=SAMPLING, chunk_policy=policy,
+                                **params)
+    meta = got["meta_info"]
+    n = len(d1) + len(d2) + len(d3) + len(q)  # every token is in a stored chunk (q too: same offset)
+    take = round(0.25 * n)
+    allowed = {"none": {n - 1},  # the last token is always recomputed (its logits start generation)
+               "first_k": {n - 4 * 8 - 1},
+               "deviation": {n - take, n - take - 1}}[policy]  # -1 unless the top scores took the last token
+    assert meta["chunk_reuse"]["reused_chunks"] == 4
+    assert meta["chunk_reuse"]["reused_tokens"] in allowed, (meta["chunk_reuse"], allowed)
+    assert meta["cached_tokens"] == meta["chunk_reuse"]["reused_tokens"]
+    assert meta["cached_tokens"] + meta["recomputed_tokens"] == meta["prompt_tokens"] == n
+
+
+def test_chunk_kv_never_reaches_exact_requests(chunk_engine, tokenizer):
+    d1, d2 = _docs(tokenizer, 5, 2)
+    q = _question(tokenizer, "Anything?")
+    chunk_engine.generate(prompt_chunks=[d1, d2, q], sampling_params=SAMPLING)
+    exact = chunk_engine.generate(input_ids=d1 + d2 + q, sampling_params=SAMPLING)
+    assert exact["meta_info"]["cached_tokens"] == 0  # the chunk request wrote nothing to the tree
+    again = chunk_engine.generate(prompt_chunks=[d1, d2, q], sampling_params=SAMPLING)
+    assert again["meta_info"]["chunk_reuse"]["reused_chunks"] == 3  # chunk requests read the store only
+    assert _cache(chunk_engine)["chunks"]["entries"] == 3
+
+
+def test_tenants_do_not_share_chunks(chunk_engine, tokenizer):
+    d1, q = _docs(tokenizer, 6, 1)[0], _question(tokenizer, "Who?")
+    chunk_engine.generate(prompt_chunks=[d1, q], sampling_params=SAMPLING, cache_salt="tenant-a")
+    other = chunk_engine.generate(prompt_chunks=[d1, q], sampling_params=SAMPLING, cache_salt="tenant-b")
+    assert other["meta_info"]["chunk_reuse"]["reused_chunks"] == 0
+    same = chunk_engine.generate(prompt_chunks=[d1, q], sampling_params=SAMPLING, cache_salt="tenant-a")
+    assert same["meta_info"]["chunk_reuse"]["reused_chunks"] == 2
+
+
+def _envelope(payload: dict, version: str = "1", n_actions: int = 1) -> dict:
+    action = {"action_id": "a", "action_type": "sglang_holes.chunks", "action_version": version, "payload": payload}
+    return {"protocol_version": "1", "message_id": "m", "actions": [action] * n_actions}
+
+
+BAD_HINTS = [
+    (_envelope({"chunks": [[10, 20], [0, 5]]}), "sorted"),
+    (_envelope({"chunks": [[0, 10], [5, 15]]}), "overlap"),
+    (_envelope({"chunks": [[0, 10_000]]}), "out of range"),
+    (_envelope({"chunks": [[0, 5]], "policy": "magic"}), "unknown chunk policy"),
+    (_envelope({"chunks": [[0, 5]]}, version="9"), "not supported"),
+    (_envelope({"chunks": [[0, 5]]}, n_actions=2), "one request takes one"),
+    (_envelope({"chunks": [[0, 5]], "k": -3}), "k must be"),
+    ({"protocol_version": "1"}, "Malformed kv_hints"),
+]
+
+
+@pytest.mark.parametrize("hints, message", BAD_HINTS)
+def test_malformed_hints_are_refused(chunk_engine, tokenizer, hints, message):
+    ids = _docs(tokenizer, 7, 1)[0]
+    with pytest.raises(ValueError, match=message):
+        chunk_engine.generate(input_ids=ids, sampling_params=SAMPLING, kv_hints=hints)
+    assert chunk_engine.generate(input_ids=ids, sampling_params=SAMPLING)["meta_info"]["completion_tokens"] == 4
+
+
+def test_engine_api_rejects_mixed_arguments(chunk_engine):
+    with pytest.raises(ValueError, match="instead of prompt"):
+        chunk_engine.generate(prompt="hi", prompt_chunks=["a"], sampling_params=SAMPLING)
+    with pytest.raises(ValueError, match="non-empty"):
+        chunk_engine.generate(prompt_chunks=[], sampling_params=SAMPLING)
+    with pytest.raises(ValueError, match="not in the chunk store"):
+        chunk_engine.chunk_kv([1, 2, 3])
