@@ -58,6 +58,7 @@ class Placement(NamedTuple):
     keep: torch.Tensor  # bool [n]: True = recomputed (stays in the extend)
     borrowed: list[tuple[int, int]]  # row spans now pointing at store slots
     surplus: torch.Tensor  # allocated slots replaced by borrowed ones (to free)
+    logprob_tail: int = 0  # the last ``logprob_tail`` recomputed positions return input logprobs
 
 
 class ChunkReuse:
@@ -77,8 +78,8 @@ class ChunkReuse:
         """Look up and lock the request's chunks; returns the tokens newly pinned.
 
         ``room``: slots the batch can still find beyond what it allocates; hits that
-        would pin more are dropped (recomputed instead). Also a no-reuse path for
-        requests SGLang prefills in pieces or with input logprobs.
+        would pin more are dropped (recomputed instead). No reuse for requests SGLang
+        prefills in pieces (chunked prefill).
         """
         if getattr(req, "holes_chunk", None) is not None and req.prefix_len:
             return 0  # a later piece of a chunked prefill: keep what the earlier pieces stored
@@ -89,9 +90,7 @@ class ChunkReuse:
         req.holes_chunk = st
         ids = req.origin_input_ids
         whole = req.extend_end == len(req.full_untruncated_fill_ids) and not req.prefix_len
-        input_logprobs = req.return_logprob and req.logprob_start_len not in (-1, None) \
-            and req.logprob_start_len < len(ids)
-        if not hasattr(self.allocator.get_kvcache(), "k_buffer") or not whole or input_logprobs:
+        if not hasattr(self.allocator.get_kvcache(), "k_buffer") or not whole:
             return 0
         pinned = 0
         for j, (s, e) in enumerate(hints.chunks):
@@ -129,6 +128,9 @@ class ChunkReuse:
         if st.hints.policy == "deviation":
             dev = self._deviation(req, pool, cached)
         keep = recompute_mask(n, st.hints, [e is not None for e in st.hits], dev)
+        start = _input_logprob_start(req, n)
+        if start is not None:  # input logprobs need those positions' logits: recompute them
+            keep[start:] = True
         borrow = ~keep & (cached != out_cpu)
         pos = borrow.nonzero().flatten()
         row[pos.to(row.device)] = cached[pos].to(row.device, row.dtype)
@@ -141,7 +143,8 @@ class ChunkReuse:
             self.store.lock(entry)
         st.handled.update(j for j, e in enumerate(st.hits) if e is not None)
         st.reused_tokens = int((~keep).sum())
-        return Placement(keep, spans_from_positions(pos.tolist()), out_cpu[pos].to(out.device))
+        return Placement(keep, spans_from_positions(pos.tolist()), out_cpu[pos].to(out.device),
+                         0 if start is None else n - start)
 
     def _deviation(self, req: Any, pool: Any, cached: torch.Tensor) -> torch.Tensor:
         if self._probe is None:
@@ -213,6 +216,14 @@ class ChunkReuse:
             for entry in st.locked:
                 self.store.unlock(entry)
             st.locked.clear()
+
+
+def _input_logprob_start(req: Any, n: int) -> int | None:
+    """First prompt position whose logits the request asked for (input logprobs), or None."""
+    start = req.logprob_start_len
+    if req.return_logprob and start is not None and 0 <= start < n:
+        return start
+    return None
 
 
 def probe_loader_for(tp_worker: Any, config: dict[str, Any]) -> Callable[[], ProbeWeights]:

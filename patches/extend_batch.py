@@ -150,7 +150,7 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
         positions.append(pos_i)
         batch.extend_lens[i] = m
         batch.prefix_lens[i] = n - m
-        batch.extend_logprob_start_lens[i] = m
+        batch.extend_logprob_start_lens[i] = m - placed.logprob_tail
         reused = n - m
         req.cached_tokens += reused - pre
         tree.borrowed[req.kv.req_pool_idx] = placed.borrowed

@@ -175,3 +175,31 @@ def test_engine_api_rejects_mixed_arguments(chunk_engine):
         chunk_engine.generate(prompt_chunks=[], sampling_params=SAMPLING)
     with pytest.raises(ValueError, match="not in the chunk store"):
         chunk_engine.chunk_kv([1, 2, 3])
+
+
+def test_input_logprobs_of_the_tail_under_chunk_reuse(chunk_engine, engine, tokenizer):
+    """Input logprobs from ``logprob_start_len`` on (teacher forcing, as bench_quality uses):
+    those positions are recomputed, the chunks before them reused."""
+    d1, d2 = _docs(tokenizer, 8, 2)
+    q = _question(tokenizer, "Which box is red?")
+    answer = tokenizer(" The red box.", add_special_tokens=False)["input_ids"]
+    chunk_engine.generate(prompt_chunks=[d1, d2, q], sampling_params=SAMPLING)
+    ids = chunk_engine.chunked_prompt([d2, d1]).input_ids + q + answer
+    start = len(ids) - len(answer) - 1
+    kw = dict(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0.0}, return_logprob=True,
+              logprob_start_len=start, top_logprobs_num=3)
+    hints = chunk_engine.chunked_prompt([d2, d1], "first_k", k=10_000).kv_hints
+    exact = chunk_engine.generate(kv_hints=hints, **kw)
+    assert exact["meta_info"]["chunk_reuse"]["reused_chunks"] == 2
+    engine.flush_cache()
+    ref = engine.generate(**kw)
+    got_lp = [x[0] for x in exact["meta_info"]["input_token_logprobs"]]
+    ref_lp = [x[0] for x in ref["meta_info"]["input_token_logprobs"]]
+    assert len(got_lp) == len(ref_lp) == len(answer) + 1
+    assert max(abs(a - b) for a, b in zip(got_lp[1:], ref_lp[1:], strict=True)) <= LOGPROB_TOL
+    reused = chunk_engine.generate(kv_hints=chunk_engine.chunked_prompt([d2, d1], "none").kv_hints, **kw)
+    meta = reused["meta_info"]
+    assert meta["chunk_reuse"]["reused_tokens"] == len(d1) + len(d2)
+    assert meta["hole_spans"] == [[len(d1) + len(d2), len(ids)]]
+    assert len(meta["input_token_logprobs"]) == len(answer) + 1
+    assert [x[1] for x in meta["input_token_logprobs"]] == [x[1] for x in ref["meta_info"]["input_token_logprobs"]]
