@@ -96,13 +96,14 @@ class Prompts:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def passages(self, item: dict) -> list[list[int]]:
-        return [self.enc(c["text"])[: self.passage_tokens] + self.enc("\n\n") for c in item["ctxs"]]
+        return [self.enc(c["text"])[: self.passage_tokens] for c in item["ctxs"]]
 
     def build(self, passages: list[list[int]], order: list[int], question: str) -> tuple[list[int], list[tuple]]:
-        ids, chunks = list(self.head), []
+        """Passages are the chunks; the separators between them are not (always recomputed)."""
+        ids, chunks, sep = list(self.head), [], self.enc("\n\n")
         for i in order:
             chunks.append((len(ids), len(ids) + len(passages[i])))
-            ids += passages[i]
+            ids += passages[i] + sep
         ids += self.enc(f"Question: {question}") + self.tail
         return ids, chunks
 

@@ -124,10 +124,15 @@ class ChunkReuse:
                 copy_rerotated(pool.k_buffer, pool.v_buffer, entry.slots, out_cpu[s:e], delta, self.rope)
             else:
                 cached[s:e] = entry.slots
-        dev = None
+        reused = [e is not None for e in st.hits]
         if st.hints.policy == "deviation":
-            dev = self._deviation(req, pool, cached)
-        keep = recompute_mask(n, st.hints, [e is not None for e in st.hits], dev)
+            try:
+                keep = recompute_mask(n, st.hints, reused, self._deviation(req, pool, cached))
+            except Exception:  # validated at entry; never take the scheduler down over a score
+                logger.exception("deviation probe failed; request %s recomputes its chunks", req.rid)
+                keep = torch.ones(n, dtype=torch.bool)
+        else:
+            keep = recompute_mask(n, st.hints, reused)
         start = _input_logprob_start(req, n)
         if start is not None:  # input logprobs need those positions' logits: recompute them
             keep[start:] = True

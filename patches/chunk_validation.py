@@ -4,7 +4,8 @@ Runs in the tokenizer manager for ``/generate``, the OpenAI endpoints and
 ``Engine.generate`` alike, once the prompt is tokenized: a malformed
 ``sglang_holes.chunks`` action (unknown version or policy, unsorted, overlapping,
 empty or out-of-range chunks, unknown fields), a server without the ``holes`` cache,
-or a model whose RoPE cannot be re-rotated raises ``ValueError``, which SGLang
+a model whose RoPE cannot be re-rotated, or the ``deviation`` policy where its probe
+cannot run (architecture, tensor parallelism) raises ``ValueError``, which SGLang
 answers with HTTP 400 (``Engine``: the exception); nothing reaches the scheduler.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from sglang_holes.deviation import check_supported
 from sglang_holes.patches.chunk_hints import find_chunk_hints
 from sglang_holes.rope import RopeSpec
 
@@ -30,7 +32,10 @@ def _after_validate(result: Any, manager: Any, obj: Any, input_ids: Any, *_: Any
                          "radix cache enabled)")
     hints.check_length(len(input_ids or []))
     hf = getattr(manager.model_config, "hf_text_config", None) or manager.model_config.hf_config
-    RopeSpec.from_config(hf.to_dict())  # UnsupportedRopeError (a ValueError) for YaRN, dynamic NTK, ...
+    config = hf.to_dict()
+    RopeSpec.from_config(config)  # UnsupportedRopeError (a ValueError) for YaRN, dynamic NTK, ...
+    if hints.policy == "deviation":
+        check_supported(config, getattr(manager.server_args, "tp_size", 1))
     return result
 
 

@@ -16,6 +16,11 @@ and writes ``row[P0:n]`` with them. The AFTER hook then turns it into a hole req
   ``positions`` (RoPE, and the attention backend's ``HolePlan``);
 * ``req.cached_tokens`` counts every reused token, not just ``P0``.
 
+Chunk-mode requests (RAG, ``patches/chunk_cache.py``) take the same route: a BEFORE
+hook looks up and locks their chunks before allocation, and the AFTER hook's
+``ChunkReuse.place`` decides which positions are reused (copied re-rotated into the
+new slots, or borrowed from the store) and which are recomputed.
+
 Requests the hook does not cover take SGLang's stock path (recompute from the first
 hole; correct output) and are counted as fallbacks: chunked prefill, multimodal
 inputs, input embeddings, positional overrides, input logprobs.

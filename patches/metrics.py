@@ -11,6 +11,7 @@ so they are served by SGLang's own ``/metrics`` endpoint next to ``sglang:*``:
 ``sglang_holes:fallbacks_total``               requests with KV beyond a hole that took the stock path
 ``sglang_holes:chunk_requests_total``          chunk-mode requests that reused stored chunk KV
 ``sglang_holes:chunk_reused_tokens_total``     prompt tokens such requests took from the chunk store
+``sglang_holes:chunk_evicted_tokens_total``    chunk-store tokens evicted to free slots for the pool
 =============================================  =====================================================
 """
 
@@ -26,6 +27,7 @@ COUNTERS = {
     "fallbacks": "Requests with cached KV beyond a hole that took SGLang's stock path.",
     "chunk_requests": "Chunk-mode (RAG) requests that reused stored chunk KV.",
     "chunk_reused_tokens": "Prompt tokens chunk-mode requests reused from the chunk store.",
+    "chunk_evicted_tokens": "Chunk-store tokens evicted to free slots (chunks and prefixes share the pool).",
 }
 
 

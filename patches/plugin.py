@@ -33,7 +33,7 @@ def load() -> None:
     internal_state.register()
 
     def holes_factory(ctx):  # imported on use: only a process that builds the cache pays for it
-        from sglang_holes.patches.radix_cache import factory
+        from sglang_holes.patches.cache_factory import factory
 
         return factory(ctx)
 

@@ -12,9 +12,13 @@ like stock SGLang; when KV exists beyond a hole, ``match_prefix`` also attaches 
 matched segments to the request and pins them, and the ``prepare_for_extend`` hook
 (``patches/extend_batch.py``) reuses them, so only the holes and the tail are
 recomputed, in one extend pass. That needs a hole-aware attention backend
-(torch_native on CPU, FlashInfer on GPU, see ``_why_no_hole_batches``); with another
+(torch_native on CPU, FlashInfer on GPU, see ``cache_factory.why_no_hole_batches``); with another
 backend, requests with holes take the stock path
 (recompute from the first hole), which stays correct.
+
+Requests with chunk hints (RAG chunk mode) bypass the trees entirely and use the
+chunk store instead (``patches/chunk_cache.py``); the store's slots count in this
+cache's sizes and eviction.
 
 Slot ownership follows ``HoleTree``: the tree owns what it stores; ``checkpoint``
 inserts the request's row and frees exactly the slots the tree rejected (the
@@ -24,7 +28,6 @@ never freed); ``evict`` returns slots to SGLang's allocator.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -43,15 +46,11 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
 from sglang_holes.chunk_store import ChunkStore
 from sglang_holes.eviction import POLICIES
-from sglang_holes.patches.chunk_cache import ChunkReuse, probe_loader_for
+from sglang_holes.patches.chunk_cache import ChunkReuse
 from sglang_holes.patches.chunk_hints import chunk_hints_of
-from sglang_holes.patches.forward_plan import mode_from_env
 from sglang_holes.patches.metrics import COUNTERS, HoleMetrics
 from sglang_holes.recompute_cost import RecomputeCost
-from sglang_holes.rope import RopeSpec, UnsupportedRopeError
 from sglang_holes.tree import HoleTree, Node, TreeHandle
-
-logger = logging.getLogger("sglang_holes")
 
 BACKEND_NAME = "holes"
 POLICY_ENV = "SGLANG_HOLES_EVICTION_POLICY"
@@ -263,6 +262,8 @@ class HoleRadixCache(BasePrefixCache):
                 slots = tree.evict(n)
                 self.token_to_kv_pool_allocator.free(slots.to(self.device))
                 freed += slots.numel()
+                if self.chunks is not None and tree is self.chunks.store:
+                    self.count("chunk_evicted_tokens", slots.numel())
         return EvictResult(num_tokens_evicted=freed)
 
     def lock(self, node: Any) -> TreeLock | None:
@@ -346,64 +347,3 @@ def _subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> li
         if a < b:
             out.append((a, b))
     return out
-
-
-HOLE_BACKENDS = ("torch_native", "flashinfer")
-
-
-def _why_no_hole_batches(ctx: Any, hf: Any) -> str | None:
-    """Why this server's attention backend cannot run hole batches, or None if it can."""
-    args = ctx.server_args
-    backends = {getattr(args, "attention_backend", None), getattr(args, "prefill_attention_backend", None)} - {None}
-    if not backends or not backends <= set(HOLE_BACKENDS):
-        return f"attention backend {sorted(backends) or 'default'} cannot run hole batches (only {HOLE_BACKENDS})"
-    if "flashinfer" in backends:
-        # SGLang's FlashInfer backend needs several wrappers for these; hole batches use one.
-        if hf is not None and getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", True):
-            return "FlashInfer hole batches do not support sliding-window models yet"
-        if getattr(ctx.model_config, "is_encoder_decoder", False):
-            return "FlashInfer hole batches do not support encoder-decoder models"
-        if "fp4" in str(getattr(args, "kv_cache_dtype", "")):
-            return "FlashInfer hole batches do not support an FP4 KV cache"
-    return None
-
-
-def factory(ctx: Any) -> HoleRadixCache:
-    """``TreeCacheBuildContext`` -> ``HoleRadixCache`` (the registry's factory signature)."""
-    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm:
-        raise ValueError("the holes radix cache does not support hybrid SWA/Mamba models yet")
-    if ctx.params.is_eagle:
-        raise ValueError("the holes radix cache does not support speculative decoding (EAGLE) yet")
-    if ctx.enable_hierarchical_cache:
-        raise ValueError("the holes radix cache does not support --enable-hierarchical-cache")
-    hf = getattr(ctx.model_config, "hf_text_config", None) or getattr(ctx.model_config, "hf_config", None)
-    cost = None
-    if hf is not None:
-        try:
-            cost = RecomputeCost.from_config(hf.to_dict())
-        except ValueError as e:
-            logger.warning("cost-aware eviction falls back to default FLOP constants: %s", e)
-    args = ctx.server_args
-    reason = _why_no_hole_batches(ctx, hf)
-    if reason is not None:
-        logger.warning("holes radix cache: %s; requests with holes recompute from the first hole (correct, "
-                       "slower)", reason)
-    metrics = None
-    if getattr(args, "enable_metrics", False):
-        metrics = HoleMetrics(args.served_model_name or args.model_path)
-    return HoleRadixCache(ctx.params, cost_model=cost, hole_extend=reason is None, metrics=metrics,
-                          prefix_only=mode_from_env() == "prefix-only", chunks=_chunk_reuse(ctx, hf, reason))
-
-
-def _chunk_reuse(ctx: Any, hf: Any, reason: str | None) -> ChunkReuse | None:
-    """Chunk mode needs hole batches, an MHA KV pool (per-layer K/V buffers) and re-rotatable RoPE."""
-    if reason is not None or hf is None or ctx.disable_radix_cache:
-        return None
-    config = hf.to_dict()
-    try:
-        rope = RopeSpec.from_config(config)
-    except UnsupportedRopeError as e:  # requests with chunk hints are refused at entry
-        logger.warning("chunk reuse disabled: %s", e)
-        return None
-    return ChunkReuse(ctx.params.token_to_kv_pool_allocator, rope,
-                      probe_loader=probe_loader_for(ctx.tp_worker, config))

@@ -43,6 +43,17 @@ class DeviationUnsupportedError(ValueError):
     """The model's architecture is not one the deviation probe implements."""
 
 
+def check_supported(config: Mapping[str, Any], tp_size: int = 1) -> None:
+    """Raise ``DeviationUnsupportedError`` unless the probe can run for this model and server."""
+    archs = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise DeviationUnsupportedError(
+            f"the deviation policy supports {SUPPORTED_ARCHITECTURES}, not {archs or 'this model'}")
+    if tp_size != 1:
+        raise DeviationUnsupportedError("the deviation policy needs tensor parallel size 1 (the probe reads "
+                                        "whole weight matrices)")
+
+
 @dataclass(frozen=True)
 class ProbeWeights:
     """Layer 0 and layer 1's K/V projections of a Llama-style model (Hugging Face names, float32)."""
@@ -57,10 +68,7 @@ class ProbeWeights:
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> ProbeWeights:
         """From a state dict with Hugging Face names (``model.layers.0.self_attn.q_proj.weight``...)."""
-        archs = config.get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-            raise DeviationUnsupportedError(
-                f"the deviation policy supports {SUPPORTED_ARCHITECTURES}, not {archs or 'this model'}")
+        check_supported(config)
         need = ["model.embed_tokens.weight"] + [f"model.layers.0.{n}.weight" for n in (
             "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + [
@@ -87,7 +95,8 @@ class ProbeWeights:
         """Layer 1's K (after RoPE) and V ``[n, kv_heads, head_dim]`` for a prompt at positions ``0..n-1``."""
         n, hd = input_ids.numel(), self.head_dim
         pos = torch.arange(n, dtype=torch.int64)
-        x = F.embedding(input_ids.cpu(), self.tensors["model.embed_tokens.weight"])
+        emb = self.tensors["model.embed_tokens.weight"]
+        x = F.embedding(input_ids.to(emb.device), emb)
         h = self._norm(x, "model.layers.0.input_layernorm")
         a = "model.layers.0.self_attn."
         q = rerotate(self._lin(h, a + "q_proj").view(n, self.num_heads, hd), pos, self.rope)

@@ -203,3 +203,31 @@ def test_input_logprobs_of_the_tail_under_chunk_reuse(chunk_engine, engine, toke
     assert meta["hole_spans"] == [[len(d1) + len(d2), len(ids)]]
     assert len(meta["input_token_logprobs"]) == len(answer) + 1
     assert [x[1] for x in meta["input_token_logprobs"]] == [x[1] for x in ref["meta_info"]["input_token_logprobs"]]
+
+
+@pytest.fixture(scope="module")
+def yarn_engine(engines, tiny_llama, tmp_path_factory):
+    """The tiny Llama with YaRN RoPE scaling: its keys cannot be re-rotated by a position delta."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-llama-yarn")
+    for f in tiny_llama.iterdir():
+        shutil.copy(f, path / f.name)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("rope_scaling", None)
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                              "original_max_position_embeddings": 2048}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return engines.start(model_path=str(path), skip_tokenizer_init=True, log_level="error", random_seed=0,
+                         radix_cache_backend="holes", max_total_tokens=2000)
+
+
+def test_rope_that_cannot_be_rerotated_is_refused_at_entry(yarn_engine):
+    from sglang_holes.chunks import build_chunked_prompt
+
+    p = build_chunked_prompt([[5, 6, 7, 8], [9, 10, 11]], lambda text: [], policy="none")
+    with pytest.raises(ValueError, match="cannot be re-rotated"):
+        yarn_engine.generate(input_ids=p.input_ids, kv_hints=p.kv_hints, sampling_params=SAMPLING)
+    out = yarn_engine.generate(input_ids=p.input_ids, sampling_params=SAMPLING)  # plain requests still served
+    assert out["meta_info"]["completion_tokens"] == 4

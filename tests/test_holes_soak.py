@@ -208,14 +208,16 @@ def _chunk_request(rng: random.Random, docs: list[list[int]]) -> tuple[list[int]
 
 def test_soak_mixed_chunk_and_exact_requests(tiny_engines):
     """150 requests, a third exact and the rest chunk-mode under every policy, singles and
-    mixed batches, in a pool that holds ~5 prompts: exact requests (and chunk requests
-    that recompute everything) equal cold runs, no slot leaks, integrity after every step."""
+    mixed batches, in a pool that holds ~5 prompts (chunks and exact prefixes evict each
+    other): exact requests (and chunk requests that recompute everything) equal cold runs,
+    no slot leaks, integrity after every step."""
     holes, cold = tiny_engines
     rng = random.Random(4321)
     docs = [[rng.randrange(3, 2000) for _ in range(rng.randint(40, 120))] for _ in range(10)]
     assert holes.flush_cache().success
     initial = _check_pool(holes)
     sent, checked, before = 0, 0, _cache(holes)["stats"]["chunk_requests"]
+    evicted0 = _cache(holes)["stats"]["chunk_evicted_tokens"]
     while sent < 150:
         batch = [_chunk_request(rng, docs) for _ in range(3 if rng.random() < 0.3 else 1)]
         outs = holes.generate(input_ids=[b[0] for b in batch], kv_hints=[b[1] for b in batch],
@@ -230,6 +232,8 @@ def test_soak_mixed_chunk_and_exact_requests(tiny_engines):
                 checked += 1
         sent += len(batch)
         c = _check_pool(holes)
+    # chunks and prefixes share the pool: the store had to give slots back
+    assert c["stats"]["chunk_evicted_tokens"] > evicted0, c
     assert checked > 30 and _cache(holes)["stats"]["chunk_requests"] - before > 40, (checked, c)
     assert c["chunks"]["entries"] > 0
     assert holes.flush_cache().success
