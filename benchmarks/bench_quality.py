@@ -1,13 +1,14 @@
 """RAG chunk reuse: answer quality vs recomputed tokens, and TTFT, on MuSiQue (real engine, CPU).
 
-    .venv/bin/python benchmarks/bench_quality.py [--questions 30] [--passage-tokens 200] [--out benchmarks/results]
+    .venv/bin/python benchmarks/bench_quality.py [--questions 30] [--passage-tokens 150] [--configs none,first_k:16,...]
 
-Workload: ../shared/data/musique_s.json, 10 passages per question (each truncated to
-``--passage-tokens`` tokens for CPU time), chat-formatted for the embedded
-SmolLM2-135M-Instruct. For each question the passages are first sent in one shuffled
-order (a chunk request that stores every passage, and the same prompt without hints for
-the exact tree), then evaluated in ANOTHER order, so reuse is non-prefix. Passages are
-the chunks; the instruction and the question never are (always recomputed).
+Workload: ../shared/data/musique_s.json, 10 passages per question, chat-formatted for
+the embedded SmolLM2-135M-Instruct. Passages are truncated to ``--passage-tokens``
+tokens for CPU time only (the model's 8k context would hold them whole). For each
+question the passages are first sent in one shuffled order (a chunk request that stores
+every passage, and the same prompt without hints for the exact tree), then evaluated in
+ANOTHER order, so reuse is non-prefix. Passages are the chunks; the instruction, the
+``\n\n`` separators and the question never are (always recomputed).
 
 Configs, side by side in one run, one request at a time:
 
@@ -22,7 +23,7 @@ Metrics (per config, over all questions):
 * teacher-forced over the reference answer (``full``'s greedy 32 tokens, fed as input;
   logits of those positions via input logprobs): top-1 agreement (the config's argmax is
   ``full``'s token) and KL(full ‖ config) restricted to ``full``'s top-20 tokens at each
-  position (their mass, typically > 0.95, is reported);
+  position (that mass per config is in quality.json, key `mass`);
 * greedy: first-32-token exact match with ``full``; token F1 of the answer against the
   gold answers (SQuAD normalisation);
 * TTFT: wall time of ``generate(max_new_tokens=1)``; speedup = full's median / config's median.
@@ -61,6 +62,18 @@ def label(policy: str, params: dict) -> str:
     if policy == "deviation":
         return f"deviation {round(100 * params['ratio'])}%"
     return policy
+
+
+def parse_config(text: str) -> tuple[str, dict]:
+    """``none`` | ``first_k:K`` | ``deviation:RATIO`` -> (policy, params)."""
+    policy, _, value = text.strip().partition(":")
+    if policy == "first_k":
+        return policy, {"k": int(value)}
+    if policy == "deviation":
+        return policy, {"ratio": float(value)}
+    if policy == "none" and not value:
+        return policy, {}
+    raise SystemExit(f"bad config {text!r}: none | first_k:K | deviation:RATIO")
 
 
 def _normalize(text: str) -> list[str]:
@@ -141,7 +154,7 @@ def _teacher_forced(eng, ids: list[int], answer: list[int], token_ids: list[int]
     return rows
 
 
-def evaluate(args) -> dict:
+def evaluate(args, chunk_configs: list[tuple[str, dict]]) -> dict:
     from sglang_holes.chunks import chunk_envelope
     from sglang_holes.model import resolve_model_path
     from sglang_holes.patches.engine import shutdown_all
@@ -150,7 +163,7 @@ def evaluate(args) -> dict:
     full, holes = _engines(resolve_model_path(None))
     prompts = Prompts(holes.tokenizer_manager.tokenizer, args.passage_tokens)
     rng = random.Random(args.seed)
-    names = ["full", "exact"] + [label(p, k) for p, k in CHUNK_CONFIGS]
+    names = ["full", "exact"] + [label(p, k) for p, k in chunk_configs]
     per: dict[str, dict[str, list]] = {n: {"ttft": [], "recompute": [], "top1": [], "kl": [], "mass": [],
                                            "match32": [], "f1": [], "n": []} for n in names}
     try:
@@ -176,7 +189,7 @@ def evaluate(args) -> dict:
             dt, meta = _ttft(full, input_ids=ids)
             _record(per["full"], dt, meta, ref_rows, ref_rows, answer, ref, item)
 
-            configs = [("exact", None)] + [(label(p, k), chunk_envelope(chunks, p, **k)) for p, k in CHUNK_CONFIGS]
+            configs = [("exact", None)] + [(label(p, k), chunk_envelope(chunks, p, **k)) for p, k in chunk_configs]
             for name, hints in configs:
                 kw = {"kv_hints": hints} if hints else {}
                 # (exact: after the timed request the tree holds this prompt; its quality is exact either way)
@@ -269,22 +282,28 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--questions", type=int, default=30)
-    ap.add_argument("--passage-tokens", type=int, default=200)
+    ap.add_argument("--passage-tokens", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--configs", default=None,
+                    help="chunk configs instead of the default sweep, e.g. 'none,first_k:140,deviation:0.9'")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--name", default="quality", help="stem of the output files")
     args = ap.parse_args()
     if not DATA.exists():
         raise SystemExit(f"{DATA} not found (the MuSiQue sample lives in ../shared/data)")
-    result = evaluate(args)
+    configs = [parse_config(c) for c in args.configs.split(",")] if args.configs else CHUNK_CONFIGS
+    result = evaluate(args, configs)
     rows = summarize(result["per"])
     meta = {"machine": cpu_name(), "questions": result["questions"], "passage_tokens": args.passage_tokens,
             "command": "python benchmarks/" + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv)),
             "prompt_tokens_min": min(result["per"]["full"]["n"]), "prompt_tokens_max": max(result["per"]["full"]["n"])}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps({"meta": meta, "rows": rows, "per": result["per"]}, indent=1))
-    write_table(rows, meta, args.out / "quality.md")
-    plot(rows, args.out / "quality.png")
-    print((args.out / "quality.md").read_text())
+    (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "per": result["per"]},
+                                                         indent=1))
+    write_table(rows, meta, args.out / f"{args.name}.md")
+    if args.configs is None:
+        plot(rows, args.out / f"{args.name}.png")
+    print((args.out / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":
