@@ -72,6 +72,10 @@ class ChunkReuse:
         self._probe_loader = probe_loader
         self._probe: ProbeWeights | None = None
 
+    def reset(self) -> None:
+        """Forget every chunk (``flush_cache``: SGLang has already freed every slot)."""
+        self.store = ChunkStore()
+
     # ----------------------------------------------------------------- admission
 
     def admit(self, req: Any, room: int) -> int:

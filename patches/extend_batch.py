@@ -72,8 +72,7 @@ def _before_prepare_for_extend(batch: Any, *_: Any, **__: Any) -> None:
         room -= tree.chunks.admit(req, max(room, 0))
 
 
-def _hole_placement(req: Any, p0: int, segments: list, row: torch.Tensor, out_i: torch.Tensor,
-                    ext: int) -> Placement:
+def _hole_placement(p0: int, segments: list, row: torch.Tensor, out_i: torch.Tensor, ext: int) -> Placement:
     """Point ``row`` at the tree's slots for every reused span beyond ``p0`` (borrowed)."""
     keep = torch.ones(ext, dtype=torch.bool)
     borrowed = []
@@ -137,7 +136,7 @@ def _after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> An
             placed = tree.chunks.place(req, tree.token_to_kv_pool_allocator.get_kvcache(), row, out_i)
             record_chunk_reuse(req, req.holes_chunk)
         elif plan is not None:
-            placed = _hole_placement(req, plan[0], plan[1], row, out_i, ext)
+            placed = _hole_placement(plan[0], plan[1], row, out_i, ext)
         if placed is None:
             new_ids.append(ids_i)
             new_out.append(out_i)

@@ -44,7 +44,6 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
-from sglang_holes.chunk_store import ChunkStore
 from sglang_holes.eviction import POLICIES
 from sglang_holes.patches.chunk_cache import ChunkReuse
 from sglang_holes.patches.chunk_hints import chunk_hints_of
@@ -126,7 +125,7 @@ class HoleRadixCache(BasePrefixCache):
         self._tree_of_root: dict[int, HoleTree] = {}
         self.root_node = self._tree().root
         if self.chunks is not None:
-            self.chunks.store = ChunkStore()
+            self.chunks.reset()
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
 
     def supports_prefix_sharing(self) -> bool:
