@@ -170,7 +170,7 @@ def write_outputs(rows: list[dict], out: Path, device: str) -> None:
 
 
 def cpu_check() -> None:
-    print("No CUDA GPU: FlashInfer kernel timings need one (see ../shared/docs/gpu.md).")
+    print("No CUDA GPU: FlashInfer kernel timings need one (make gpu-check on a CUDA machine).")
     print("Running the pure-torch reference on small sizes instead (fp32, one layer, one run each):")
     print("| n | holes × len | reference ms | dense causal ms (all n queries) |")
     print("|---|---|---|---|")

@@ -114,7 +114,7 @@ def flops(cost, n: int, spans: list[tuple[int, int]], config: str) -> float:
     """FLOPs a config needs: holes = the holes + the last token; the others = from the first hole."""
     if config == "holes":
         pos = sorted({p for s, e in spans for p in range(s, e)} | {n - 1})
-        from sglang_holes.plan import spans_from_positions
+        from sglang_holes.attention.plan import spans_from_positions
 
         return sum(cost.span(a, b) for a, b in spans_from_positions(pos))
     return cost.span(spans[0][0], n)
@@ -158,8 +158,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from sglang_holes.cache.recompute_cost import RecomputeCost
     from sglang_holes.model import prepare_embedded_model
-    from sglang_holes.recompute_cost import RecomputeCost
 
     model = str(prepare_embedded_model())
     tok = AutoTokenizer.from_pretrained(model)

@@ -155,7 +155,7 @@ def _teacher_forced(eng, ids: list[int], answer: list[int], token_ids: list[int]
 
 
 def evaluate(args, chunk_configs: list[tuple[str, dict]]) -> dict:
-    from sglang_holes.chunks import chunk_envelope
+    from sglang_holes.chunks.hints import chunk_envelope
     from sglang_holes.model import resolve_model_path
     from sglang_holes.patches.engine import shutdown_all
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from sglang_holes import HoleTree
+from sglang_holes import HoleTree, make_policy
 
 
 def _median_us(fn, reps: int = 200) -> float:
@@ -33,7 +33,7 @@ def _median_us(fn, reps: int = 200) -> float:
 
 def build(total: int, page: int, doc_len: int = 4096, prefix: int = 2048):
     rng = random.Random(0)
-    tree = HoleTree(page_size=page, policy="cost-aware")
+    tree = HoleTree(page_size=page, policy=make_policy("cost-aware"))
     base = tuple(range(1, prefix + 1))
     docs, slot = [], 0
     while tree.total_size < total:

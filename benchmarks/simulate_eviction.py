@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sglang_holes import HoleTree
-from sglang_holes.recompute_cost import LLAMA3_8B, SMOLLM2_135M, RecomputeCost
+from sglang_holes import HoleTree, make_policy
+from sglang_holes.cache.recompute_cost import LLAMA3_8B, SMOLLM2_135M, RecomputeCost
 
 MODELS = {"Llama-3-8B": LLAMA3_8B, "SmolLM2-135M": SMOLLM2_135M}
 
@@ -113,7 +113,7 @@ class Stats:
 
 
 def simulate(requests: list[Request], capacity: int, policy: str, cost: RecomputeCost, bar: tqdm) -> Stats:
-    tree = HoleTree(policy=policy, cost_model=cost)
+    tree = HoleTree(policy=make_policy(policy, cost))
     free = torch.arange(capacity)
     st = Stats(flops=dict.fromkeys(MODELS, 0.0))
     for req in requests:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sglang_holes.patches.chunk_cache import ChunkReuse, probe_loader_for
-from sglang_holes.patches.forward_plan import mode_from_env
+from sglang_holes.cache.recompute_cost import RecomputeCost
+from sglang_holes.chunks.rope import RopeSpec, UnsupportedRopeError
+from sglang_holes.config import HolesConfig
 from sglang_holes.patches.metrics import HoleMetrics
 from sglang_holes.patches.radix_cache import HoleRadixCache
-from sglang_holes.recompute_cost import RecomputeCost
-from sglang_holes.rope import RopeSpec, UnsupportedRopeError
+from sglang_holes.patches.radix_cache_chunks import ChunkReuse, probe_loader_for
 
 logger = logging.getLogger("sglang_holes")
 
@@ -62,8 +62,8 @@ def factory(ctx: Any) -> HoleRadixCache:
     metrics = None
     if getattr(args, "enable_metrics", False):
         metrics = HoleMetrics(args.served_model_name or args.model_path)
-    return HoleRadixCache(ctx.params, cost_model=cost, hole_extend=reason is None, metrics=metrics,
-                          prefix_only=mode_from_env() == "prefix-only", chunks=_chunk_reuse(ctx, hf, reason))
+    return HoleRadixCache(ctx.params, HolesConfig.from_environ(), recompute_cost=cost, hole_extend=reason is None,
+                          metrics=metrics, chunks=_chunk_reuse(ctx, hf, reason))
 
 
 def _chunk_reuse(ctx: Any, hf: Any, reason: str | None) -> ChunkReuse | None:

@@ -5,7 +5,8 @@
     sglang-holes version
 
 ``serve`` is SGLang's own HTTP server (``sglang.launch_server.run_server``) with:
-the pinned-version check; ``--radix-cache-backend holes`` unless another is given;
+the pinned-version check and the hook contract check (``patches/hooks.py``); the
+defaults table of ``patches/server_args.py`` (``--radix-cache-backend holes`` unless another is given);
 the embedded model when no ``--model-path`` is given (a
 given local folder is validated first); the plain-CPU defaults when there is no
 GPU; and a check that the port is free before anything heavy starts. Errors in
@@ -46,7 +47,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def prepare_serve_argv(argv: Sequence[str]) -> list[str]:
     """Resolve the model, check the port and add the CPU defaults to ``sglang serve`` flags."""
-    from sglang_holes.patches.launch import apply_cli_defaults, flag_value
+    from sglang_holes.patches.server_args import apply_cli_defaults, flag_value
 
     out = list(argv)
     # Cheap checks first: a busy port must not wait for a model conversion.
@@ -64,16 +65,16 @@ def prepare_serve_argv(argv: Sequence[str]) -> list[str]:
         i, value = found
         resolved = resolve_model_path(value)
         out[i] = resolved if out[i] == value else f"--model-path={resolved}"
-    if flag_value(out, "--radix-cache-backend") is None:
-        out += ["--radix-cache-backend", "holes"]
     return apply_cli_defaults(out)
 
 
 def serve(argv: Sequence[str]) -> int:
+    from sglang_holes.patches.hooks import verify
     from sglang_holes.patches.version import check_sglang_version
 
     check_sglang_version()
     argv = prepare_serve_argv(argv)
+    verify()  # every SGLang target the plugin hooks still exists with the expected shape
     from sglang.launch_server import run_server
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import prepare_server_args
@@ -123,9 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sglang-holes: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as e:
+        from sglang_holes.patches.hooks import ContractError
         from sglang_holes.patches.version import UnsupportedSGLangError
 
-        if isinstance(e, UnsupportedSGLangError):
+        if isinstance(e, UnsupportedSGLangError | ContractError):
             print(f"sglang-holes: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         raise

@@ -4,11 +4,12 @@ Differences from ``sglang.Engine``, each yielding to an explicit argument:
 * the SGLang version is checked first (another release is refused);
 * ``model_path`` defaults to the embedded SmolLM2-135M-Instruct (prepared on first use);
   a given local folder is validated before SGLang sees it;
-* without a GPU, the plain-CPU defaults of ``patches/launch.py`` apply;
-* ``radix_cache_backend`` defaults to ``holes`` (pass ``None`` for SGLang's own cache);
+* the defaults table of ``patches/server_args.py`` applies: ``radix_cache_backend`` ``holes``
+  (pass ``None`` for SGLang's own cache), the plain-CPU settings without a GPU;
+* every SGLang target of ``patches/hooks.py`` is checked first (a moved one refuses to start);
 * ``evict_span(input_ids, start, end)`` drops the KV of a span of a cached prompt;
 * ``generate(prompt_chunks=[...], chunk_policy=...)`` sends a RAG prompt as chunks whose
-  KV is reused at any position (``patches/chunk_cache.py``).
+  KV is reused at any position (``patches/radix_cache_chunks.py``).
 
 As with ``sglang.Engine``, ``shutdown()`` ends every SGLang subprocess of the calling
 process (SGLang kills the whole child tree), other engines of that process included:
@@ -22,11 +23,11 @@ from typing import Any
 import torch
 from sglang.srt.entrypoints.engine import Engine as SGLangEngine
 
-from sglang_holes.chunks import ChunkedPrompt, build_chunked_prompt
+from sglang_holes.chunks.hints import ChunkedPrompt, build_chunked_prompt
 from sglang_holes.model import resolve_model_path
-from sglang_holes.patches.launch import apply_engine_defaults
-from sglang_holes.patches.radix_cache import BACKEND_NAME
-from sglang_holes.patches.rpc import CHUNK_KV, call_evict_span, call_rpc, evict_span_params
+from sglang_holes.patches.hooks import verify
+from sglang_holes.patches.scheduler_rpc import CHUNK_KV, call_evict_span, call_rpc, evict_span_params
+from sglang_holes.patches.server_args import apply_engine_defaults
 from sglang_holes.patches.version import check_sglang_version
 
 
@@ -35,10 +36,10 @@ class Engine(SGLangEngine):
 
     def __init__(self, **kwargs: Any) -> None:
         check_sglang_version()
+        verify()  # every SGLang target the plugin hooks still exists with the expected shape
         if "server_args" not in kwargs:
             kwargs["model_path"] = resolve_model_path(kwargs.get("model_path"))
-            kwargs.setdefault("radix_cache_backend", BACKEND_NAME)  # None selects SGLang's own cache
-            kwargs = apply_engine_defaults(kwargs)
+            kwargs = apply_engine_defaults(kwargs)  # radix_cache_backend=None selects SGLang's own cache
         super().__init__(**kwargs)
 
     def chunked_prompt(self, prompt_chunks: list[str | list[int]], chunk_policy: str = "first_k",

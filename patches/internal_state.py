@@ -14,13 +14,6 @@ import os
 from importlib import metadata
 from typing import Any
 
-from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-TARGET = (
-    "sglang.srt.managers.scheduler_components.internal_state."
-    "SchedulerInternalStateController.get_internal_state"
-)
-
 
 def cache_state(scheduler: Any) -> dict[str, Any]:
     """Pool accounting and, for the ``holes`` backend, the tree's integrity check.
@@ -40,7 +33,7 @@ def cache_state(scheduler: Any) -> dict[str, Any]:
         out["evictable"] = int(tree.evictable_size())
         out["protected"] = int(tree.protected_size())
     if isinstance(tree, HoleRadixCache):
-        out["policy"] = tree.policy
+        out["policy"] = tree.policy.name
         out["stats"] = dict(tree.stats)
         if tree.chunks is not None:
             store = tree.chunks.store
@@ -66,12 +59,8 @@ def plugin_state(scheduler: Any = None) -> dict[str, Any]:
     return state
 
 
-def _after_get_internal_state(result: Any, controller: Any = None, *_args: Any, **_kwargs: Any) -> Any:
+def after_get_internal_state(result: Any, controller: Any = None, *_args: Any, **_kwargs: Any) -> Any:
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
         state["sglang_holes"] = plugin_state(getattr(controller, "scheduler", None))
     return result
-
-
-def register() -> None:
-    HookRegistry.register(TARGET, _after_get_internal_state, HookType.AFTER)

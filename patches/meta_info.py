@@ -20,16 +20,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
 RECOMPUTED = "recomputed_tokens"
 SPANS = "hole_spans"
 CHUNKS = "chunk_reuse"
 KEYS = (RECOMPUTED, SPANS, CHUNKS)
 
-IS_REQUEST_LEVEL = ("sglang.srt.managers.scheduler_components.output_streamer."
-                    "SchedulerOutputStreamer.is_request_level_customized_info_key")
-UPDATE_META = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info"
 
 
 def record_recomputed(req: Any, spans: list[tuple[int, int]]) -> None:
@@ -61,11 +56,11 @@ def record_chunk_reuse(req: Any, state: Any) -> None:
     req.customized_info = info
 
 
-def _around_is_request_level(original: Any, streamer: Any, key: str) -> bool:
+def around_is_request_level(original: Any, streamer: Any, key: str) -> bool:
     return key in KEYS or original(streamer, key)
 
 
-def _around_update_meta(original: Any, manager: Any, meta_info: dict, state: Any, customized_info: dict,
+def around_update_meta(original: Any, manager: Any, meta_info: dict, state: Any, customized_info: dict,
                         index: int, finish_reason: Any) -> None:
     ours = {k: customized_info[k][index] for k in KEYS if k in customized_info}
     rest = {k: v for k, v in customized_info.items() if k not in KEYS}
@@ -76,8 +71,3 @@ def _around_update_meta(original: Any, manager: Any, meta_info: dict, state: Any
         meta_info[SPANS] = [list(span) for span in ours.get(SPANS, [])]
     if ours.get(CHUNKS):
         meta_info[CHUNKS] = dict(ours[CHUNKS][0])
-
-
-def register() -> None:
-    HookRegistry.register(IS_REQUEST_LEVEL, _around_is_request_level, HookType.AROUND)
-    HookRegistry.register(UPDATE_META, _around_update_meta, HookType.AROUND)

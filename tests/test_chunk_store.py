@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_holes.chunk_store import ChunkStore
+from sglang_holes.chunks.store import ChunkStore
 
 
 def _slots(a: int, b: int) -> torch.Tensor:

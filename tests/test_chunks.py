@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_holes.chunks import ChunkHints, chunk_boundaries, parse_chunk_action, recompute_mask
+from sglang_holes.chunks.hints import ChunkHints, chunk_boundaries, parse_chunk_action, recompute_mask
 
 
 def test_parse_valid_payload():
@@ -59,7 +59,7 @@ def test_policies():
 
 
 def test_chunk_envelope_and_chunked_prompt():
-    from sglang_holes.chunks import ACTION_TYPE, build_chunked_prompt, chunk_envelope
+    from sglang_holes.chunks.hints import ACTION_TYPE, build_chunked_prompt, chunk_envelope
 
     env = chunk_envelope([(0, 3), (3, 5)], "deviation", ratio=0.2)
     (action,) = env["actions"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sglang_holes import CostModel, HolePlan, choose_path
-from sglang_holes.cost import estimate
+from sglang_holes.attention.path_cost import estimate
 
 LLAMA8B = {"num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128}
 

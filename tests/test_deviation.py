@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_holes.chunk_kv import copy_rerotated
-from sglang_holes.deviation import DeviationUnsupportedError, ProbeWeights, deviation_scores
-from sglang_holes.rope import RopeSpec, rerotate
+from sglang_holes.chunks.deviation import DeviationUnsupportedError, ProbeWeights, deviation_scores
+from sglang_holes.chunks.kv_copy import copy_rerotated
+from sglang_holes.chunks.rope import RopeSpec, rerotate
 
 # Both sides run the same float32 operations in a different order (fused vs split
 # projections, SDPA vs eager attention): differences are a few float32 ulps of values

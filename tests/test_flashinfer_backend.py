@@ -29,8 +29,8 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
-from sglang_holes.flashinfer_interpreter import InterpretedPrefillWrapper
-from sglang_holes.patches.attention_flashinfer import HoleFlashInferAttnBackend, plan_hole_batch
+from sglang_holes.attention.flashinfer_interpreter import InterpretedPrefillWrapper
+from sglang_holes.patches.flashinfer_backend import HoleFlashInferAttnBackend, plan_hole_batch
 
 HQ, HKV, D, LAYERS, POOL = 4, 2, 16, 2, 512
 # Each output is a softmax-weighted sum of <= 60 fp32 terms; the float64 oracle differs by
@@ -188,12 +188,3 @@ def test_hole_batch_on_an_unsupported_backend_is_an_error():
     with pytest.raises(RuntimeError, match="cannot run it"):
         plan_hole_batch(_backend(req_to_token, pool, "spans", num_wrappers=2), fb, "spans")
 
-
-def test_attention_path_setting_is_validated(monkeypatch):
-    from sglang_holes.patches.forward_plan import attention_path_from_env
-
-    monkeypatch.setenv("SGLANG_HOLES_ATTENTION_PATH", "ragged")
-    with pytest.raises(ValueError, match="not a FlashInfer hole path"):
-        attention_path_from_env()
-    monkeypatch.setenv("SGLANG_HOLES_ATTENTION_PATH", "spans")
-    assert attention_path_from_env() == "spans"

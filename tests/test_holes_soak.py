@@ -193,7 +193,7 @@ def test_chunked_prefill_with_holes_takes_the_stock_path(chunked, tiny_engines):
 
 def _chunk_request(rng: random.Random, docs: list[list[int]]) -> tuple[list[int], dict | None, bool]:
     """(input_ids, kv_hints, exact?): a chunk request under a random policy, or an exact one."""
-    from sglang_holes.chunks import build_chunked_prompt
+    from sglang_holes.chunks.hints import build_chunked_prompt
 
     picked = rng.sample(docs, rng.randint(2, 5))
     question = [rng.randrange(3, 2000) for _ in range(rng.randint(5, 15))]
@@ -245,7 +245,7 @@ def test_chunk_requests_under_chunked_prefill(chunked, tiny_engines):
     """A chunk request SGLang prefills in 128-token pieces stores its chunks as the pieces
     complete (locked while it runs); a later request reuses them; nothing leaks."""
     _, cold = tiny_engines
-    from sglang_holes.chunks import build_chunked_prompt
+    from sglang_holes.chunks.hints import build_chunked_prompt
 
     rng = random.Random(5)
     docs = [[rng.randrange(3, 2000) for _ in range(rng.randint(60, 110))] for _ in range(4)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_holes.patches import launch
+from sglang_holes.patches import server_args as launch
 
 
 def test_cpu_defaults_yield_to_explicit_flags(monkeypatch):
@@ -39,3 +39,31 @@ def test_flag_value():
     assert launch.flag_value(["--port", "80", "--host=h"], "--host") == (2, "h")
     assert launch.flag_value(["--port", "80"], "--port") == (1, "80")
     assert launch.flag_value(["--port"], "--port") is None
+
+
+@pytest.mark.parametrize("argv", [["--device=cpu"], ["--device", "cpu"], []])
+def test_cpu_defaults_apply_however_cpu_is_spelled(monkeypatch, argv):
+    """One table drives Engine and serve: ``--device=cpu`` gets the same CPU defaults as no flag."""
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
+    monkeypatch.setattr(launch, "prepare_cpu_environment", lambda: None)
+    out = launch.apply_cli_defaults(argv)
+    assert launch.flag_value(out, "--attention-backend") is not None and "--sleep-on-idle" in out
+    assert launch.flag_value(out, "--radix-cache-backend")[1] == "holes"
+    assert out.count("--device") + sum(a.startswith("--device=") for a in out) == 1
+
+
+def test_engine_and_serve_get_the_same_defaults(monkeypatch):
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
+    monkeypatch.setattr(launch, "prepare_cpu_environment", lambda: None)
+    kw = launch.apply_engine_defaults({})
+    argv = launch.apply_cli_defaults([])
+    for field, value in kw.items():
+        flag = "--" + field.replace("_", "-")
+        assert (flag in argv) if value is True else launch.flag_value(argv, flag)[1] == str(value)
+    assert launch.apply_engine_defaults({"radix_cache_backend": None})["radix_cache_backend"] is None
+
+
+def test_another_device_gets_no_cpu_defaults(monkeypatch):
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
+    monkeypatch.setattr(launch, "prepare_cpu_environment", lambda: pytest.fail("CPU platform selected"))
+    assert launch.apply_cli_defaults(["--device", "xpu"]) == ["--device", "xpu", "--radix-cache-backend", "holes"]

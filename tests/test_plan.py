@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from sglang_holes import HolePlan, spans_from_inclusive
-from sglang_holes.flashinfer_interpreter import interpret_plan, interpret_run, packbits_little, segment_packbits
+from sglang_holes.attention.flashinfer_interpreter import (
+    interpret_plan,
+    interpret_run,
+    packbits_little,
+    segment_packbits,
+)
 from tests.holes_data import make_batch, rel_err
 
 
@@ -173,7 +178,7 @@ def test_interpreter_rejects_wrong_mask_length():
 
 
 def test_spans_from_positions():
-    from sglang_holes.plan import spans_from_positions
+    from sglang_holes.attention.plan import spans_from_positions
 
     assert spans_from_positions([2, 3, 4, 9, 11, 12]) == [(2, 5), (9, 10), (11, 13)]
     assert spans_from_positions([]) == []

@@ -97,8 +97,9 @@ def test_selected_platform_is_sglang_cpu_marked_out_of_tree():
 def test_core_never_imports_sglang():
     code = (
         "import sys, pkgutil, importlib, sglang_holes\n"
-        "for m in pkgutil.iter_modules(sglang_holes.__path__):\n"
-        "    if m.name != 'patches': importlib.import_module('sglang_holes.' + m.name)\n"
+        "for m in pkgutil.walk_packages(sglang_holes.__path__, 'sglang_holes.'):\n"
+        "    if not m.name.startswith('sglang_holes.patches'): importlib.import_module(m.name)\n"
+        "assert 'sglang_holes.cache.tree' in sys.modules and 'sglang_holes.chunks.deviation' in sys.modules\n"
         "bad = sorted(k for k in sys.modules if k == 'sglang' or k.startswith('sglang.'))\n"
         "print(bad)\n"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_holes.rope import RopeSpec, UnsupportedRopeError, rerotate
+from sglang_holes.chunks.rope import RopeSpec, UnsupportedRopeError, rerotate
 
 EPS32 = torch.finfo(torch.float32).eps
 

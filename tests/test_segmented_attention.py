@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_holes import AttentionParams, FlashInferHoleAttention, segmented_attention
-from sglang_holes.flashinfer_interpreter import InterpretedPrefillWrapper, interpret_plan, interpret_run
+from sglang_holes.attention.flashinfer_interpreter import InterpretedPrefillWrapper, interpret_plan, interpret_run
 from tests.holes_data import batches, make_batch, rel_err
 
 # fp32 inputs, fp32 accumulation vs a float64 oracle: rounding is ~1e-7 per operation

@@ -158,18 +158,6 @@ def test_serve_refuses_busy_port():
     assert time.time() - t0 < 60  # refused before any model is loaded
 
 
-def test_python_m_launch_server_is_serve():
-    """``python -m sglang_holes.launch_server`` runs the same checks and server as ``sglang-holes serve``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "sglang_holes.launch_server", "--port", str(port)],
-                           capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
-    assert "already in use" in r.stderr
-
-
 def test_serve_refuses_missing_model_folder(tmp_path):
     r = _run_cli("serve", "--port", "0", "--model-path", str(tmp_path / "nope"))
     assert r.returncode == 2
@@ -186,7 +174,7 @@ def test_serve_refuses_non_model_folder(tmp_path):
 
 def _check_chunks_over_http(base: str, tokenizer) -> None:
     """A RAG prompt as chunks through /generate's kv_hints: stored, then reused moved; bad hints get 400."""
-    from sglang_holes.chunks import build_chunked_prompt
+    from sglang_holes.chunks.hints import build_chunked_prompt
 
     docs = [f"Report {i}: " + " ".join(f"station {i}-{j} measured {(i * 31 + j * 7) % 40} mm of rain."
                                        for j in range(10)) + "\n" for i in range(3)]

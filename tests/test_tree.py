@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sglang_holes import HoleTree, RecomputeCost
-from sglang_holes.recompute_cost import LLAMA3_8B, SMOLLM2_135M
+from sglang_holes.cache.eviction import make_policy
+from sglang_holes.cache.recompute_cost import LLAMA3_8B, SMOLLM2_135M
 
 
 def snapshot(tree: HoleTree):
@@ -36,17 +37,18 @@ def test_insert_over_a_hole_and_identity_aware_rejection():
     assert seg(r) == [(0, 2, [100, 101]), (2, 5, None), (5, 8, [105, 106, 107])]
     assert r.missing == [(2, 5)] and r.reused_tokens == 5 and r.cached_prefix_len == 2
     # The request recomputed the hole into new slots 7, 8, 9 and passes its whole row:
+    before = t.total_size
     out = t.insert(list(range(8)), [100, 101, 7, 8, 9, 105, 106, 107])
-    assert out.rejected_slots.tolist() == [] and out.taken_tokens == 3
+    assert out.rejected_slots.tolist() == [] and t.total_size == before + 3
     assert seg(t.match(list(range(8)))) == [(0, 8, [100, 101, 7, 8, 9, 105, 106, 107])]
     # A duplicate computation with all-new slots: every one is rejected (the caller frees them).
     out = t.insert(list(range(8)), list(range(50, 58)))
-    assert out.rejected_slots.tolist() == list(range(50, 58)) and out.taken_tokens == 0
+    assert out.rejected_slots.tolist() == list(range(50, 58)) and t.total_size == before + 3
     t.check_integrity()
 
 
 def test_locked_interior_node_survives_eviction():
-    t = HoleTree(policy="cost-aware")
+    t = HoleTree(policy=make_policy("cost-aware"))
     t.insert(list(range(10)), list(range(10)))
     t.insert([*range(10), 50, 51], list(range(12)))
     t.insert([*range(10), 60, 61], [*range(10), 20, 21])
@@ -65,7 +67,7 @@ def test_locked_interior_node_survives_eviction():
 
 
 def test_lru_leaf_evicts_least_recent_leaves_only():
-    t = HoleTree(policy="lru-leaf")
+    t = HoleTree(policy=make_policy("lru-leaf"))
     t.insert([1, 2, 3, 4], [0, 1, 2, 3])
     t.insert([1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5])  # leaf A = [5, 6]
     t.insert([1, 2, 7, 8], [0, 1, 6, 7])  # leaf B = [7, 8]
@@ -79,7 +81,7 @@ def test_lru_leaf_evicts_least_recent_leaves_only():
 def test_cost_aware_punches_holes_at_cheap_positions():
     """The module docstring's worked example: shared prompt S (hit 10x) and two long
     documents A, B below it (hit 5x each): holes go to the START of A and B, not their tails."""
-    t = HoleTree(policy="cost-aware", cost_model=SMOLLM2_135M)
+    t = HoleTree(policy=make_policy("cost-aware", SMOLLM2_135M))
     S = list(range(1000))
     A = S + [100_000 + i for i in range(8000)]
     B = S + [200_000 + i for i in range(8000)]
@@ -98,7 +100,7 @@ def test_cost_aware_punches_holes_at_cheap_positions():
 
 
 def test_cost_aware_partial_eviction_splits_the_head():
-    t = HoleTree(policy="cost-aware", page_size=2)
+    t = HoleTree(policy=make_policy("cost-aware"), page_size=2)
     t.insert(list(range(10)), list(range(10)))
     assert t.evict(3).tolist() == [0, 1, 2, 3]  # whole pages, cheapest (earliest) first
     assert seg(t.match(list(range(10)))) == [(0, 4, None), (4, 10, [4, 5, 6, 7, 8, 9])]
@@ -118,7 +120,7 @@ def test_hole_without_cached_descendant_is_removed():
 def test_page_size_partial_page_is_rejected():
     t = HoleTree(page_size=4)
     out = t.insert(list(range(10)), list(range(10)))
-    assert out.rejected_slots.tolist() == [8, 9] and out.taken_tokens == 8
+    assert out.rejected_slots.tolist() == [8, 9] and t.total_size == 8
     r = t.match(list(range(10)))
     assert seg(r) == [(0, 8, list(range(8))), (8, 10, None)]
     assert seg(t.match([0, 1, 2, 3, 4, 5, 9, 9])) == [(0, 4, [0, 1, 2, 3]), (4, 8, None)]  # page compare
@@ -159,7 +161,9 @@ def test_bad_input_leaves_tree_unchanged():
     assert snapshot(t) == before
     t.check_integrity()
     with pytest.raises(ValueError, match="unknown eviction policy"):
-        HoleTree(policy="lfu")
+        make_policy("lfu")
+    with pytest.raises(TypeError, match="EvictionPolicy"):
+        HoleTree(policy="cost-aware")
     with pytest.raises(ValueError, match="page_size"):
         HoleTree(page_size=0)
 
@@ -196,3 +200,13 @@ def test_prefix_node_ends_the_leading_cached_run():
     assert r.prefix_node.end == 4 and r.cached_prefix_len == 4 and r.handle.node.end == 10
     t.evict_span(list(range(10)), 0, 2)
     assert t.match(list(range(10))).prefix_node is t.root
+
+
+def test_eviction_policies_do_not_reach_back_into_the_tree():
+    """Layering: the tree imports its policies, never the reverse (no cycle, no TYPE_CHECKING back-reference)."""
+    import pathlib
+
+    import sglang_holes.cache.eviction as eviction
+
+    source = pathlib.Path(eviction.__file__).read_text()
+    assert "cache.tree" not in source and "TYPE_CHECKING" not in source and "._" not in source.replace("self._", "")

@@ -16,7 +16,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from sglang_holes import HoleTree
+from sglang_holes import HoleTree, make_policy
 
 TOTAL_SLOTS = 96
 NIGHTLY = os.environ.get("SGLANG_HOLES_NIGHTLY") == "1"
@@ -34,7 +34,7 @@ class TreeMachine(RuleBasedStateMachine):
     @initialize(page_size=st.sampled_from([1, 2, 4]), policy=st.sampled_from(["lru-leaf", "cost-aware"]))
     def setup(self, page_size, policy):
         self.P = page_size
-        self.tree = HoleTree(page_size=page_size, policy=policy)
+        self.tree = HoleTree(page_size=page_size, policy=make_policy(policy))
         self.free: list[int] = list(range(TOTAL_SLOTS))
         self.held: list[int] = []  # caller-held (allocated, not yet given to the tree)
         self.facts: dict[tuple[tuple[int, ...], int], int] = {}

@@ -1,0 +1,196 @@
+"""Every SGLang touch-point of sglang-holes, in one table.
+
+SGLang's ``HookRegistry`` logs and carries on when a target is missing, so a target
+that moved in another SGLang release would silently turn sglang-holes back into stock
+SGLang. Instead, ``verify()`` resolves every entry below and checks the parameters each
+hook unpacks; ``tests/test_hook_contract.py`` runs it, and ``sglang_holes.Engine`` /
+``sglang-holes serve`` run it before starting (a mismatch refuses to start).
+
+* ``HOOKS``: functions wrapped through ``HookRegistry`` (target, kind, our hook, the
+  target's leading parameters the hook receives positionally).
+* ``REGISTRY_ENTRIES``: SGLang registries we add to or wrap (radix cache, attention backends).
+* ``SUBCLASSED``: SGLang classes we subclass and the methods we override or call.
+* ``ATTRIBUTES``: fields our hooks read or write on SGLang objects (``Req``,
+  ``ScheduleBatch``, ``ForwardBatch``, ...). Requests and batches carry at most one
+  attribute of ours each: ``req.holes`` (``RequestHoles``) and ``batch.holes`` (positions).
+
+The table is data only: importing it imports nothing from SGLang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import pkgutil
+import re
+from typing import Any, NamedTuple
+
+BACKEND_NAME = "holes"  # --radix-cache-backend holes
+
+
+class HookSpec(NamedTuple):
+    """``kind`` (before | after | around) hook ``hook`` ("module:function" in
+    ``sglang_holes.patches``) on ``target``, whose first parameters must be ``params``."""
+
+    target: str
+    kind: str
+    hook: str
+    params: tuple[str, ...]
+
+
+class RegistryEntry(NamedTuple):
+    """``registry`` (a dotted path: a dict, or a registering function) and the key we use."""
+
+    registry: str
+    key: str
+
+
+class Subclassed(NamedTuple):
+    cls: str
+    methods: tuple[str, ...]
+
+
+class Attributes(NamedTuple):
+    cls: str
+    names: tuple[str, ...]
+
+
+_SB = "sglang.srt.managers.schedule_batch"
+HOOKS: tuple[HookSpec, ...] = (
+    HookSpec(f"{_SB}.ScheduleBatch.prepare_for_extend", "before",
+             "schedule_batch:before_prepare_for_extend", ("self",)),
+    HookSpec(f"{_SB}.ScheduleBatch.prepare_for_extend", "after",
+             "schedule_batch:after_prepare_for_extend", ("self",)),
+    HookSpec("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "after",
+             "forward_batch:after_init_new", ("cls", "batch")),
+    HookSpec("sglang.srt.managers.scheduler.Scheduler.handle_rpc_request", "around",
+             "scheduler_rpc:around_rpc", ("self", "recv_req")),
+    HookSpec("sglang.srt.managers.scheduler_components.output_streamer."
+             "SchedulerOutputStreamer.is_request_level_customized_info_key", "around",
+             "meta_info:around_is_request_level", ("self", "key")),
+    HookSpec("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", "around",
+             "meta_info:around_update_meta", ("self", "meta_info", "state", "customized_info", "index",
+                                              "finish_reason")),
+    HookSpec("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", "after",
+             "tokenizer_manager:after_validate", ("self", "obj", "input_ids")),
+    HookSpec("sglang.srt.entrypoints.http_server._setup_and_run_http_server", "before",
+             "http_server:before_setup", ("server_args", "tokenizer_manager", "template_manager", "port_args")),
+    HookSpec("sglang.srt.managers.scheduler_components.internal_state."
+             "SchedulerInternalStateController.get_internal_state", "after",
+             "internal_state:after_get_internal_state", ("self",)),
+)
+
+_ATTN = "sglang.srt.layers.attention"
+REGISTRY_ENTRIES: tuple[RegistryEntry, ...] = (
+    RegistryEntry("sglang.srt.mem_cache.registry.register_radix_cache_backend", BACKEND_NAME),
+    RegistryEntry(f"{_ATTN}.attention_registry.ATTENTION_BACKENDS", "torch_native"),
+    RegistryEntry(f"{_ATTN}.attention_registry.ATTENTION_BACKENDS", "flashinfer"),
+)
+
+SUBCLASSED: tuple[Subclassed, ...] = (
+    Subclassed("sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache",
+               ("reset", "match_prefix", "checkpoint", "evict", "inc_lock_ref", "dec_lock_ref", "lock",
+                "unlock", "path_device_indices", "prefix_device_indices", "free_kv_row", "on_release",
+                "evictable_size", "protected_size", "total_size")),
+    Subclassed(f"{_ATTN}.torch_native_backend.TorchNativeAttnBackend",
+               ("init_forward_metadata", "forward_extend")),
+    Subclassed(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend", ("init_forward_metadata", "forward_extend")),
+)
+
+ATTRIBUTES: tuple[Attributes, ...] = (
+    Attributes(f"{_SB}.Req", (
+        "extend_end", "full_untruncated_fill_ids", "multimodal_inputs", "input_embeds", "return_logprob",
+        "logprob_start_len", "origin_input_ids", "prefix_len", "cached_tokens", "kv", "customized_info",
+        "kv_hints", "extra_key", "cache_salt", "rid", "last_node", "lock")),
+    Attributes(f"{_SB}.ScheduleBatch", (
+        "reqs", "tree_cache", "prefix_lens", "extend_lens", "extend_logprob_start_lens", "extend_num_tokens",
+        "prefill_input_ids_cpu", "out_cache_loc", "req_to_token_pool")),
+    Attributes("sglang.srt.model_executor.forward_batch_info.ForwardBatch", (
+        "forward_mode", "positions", "seq_lens", "seq_lens_cpu", "extend_seq_lens_cpu", "req_pool_indices",
+        "out_cache_loc")),
+    Attributes(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend", (
+        "indices_updater_prefill", "prefill_wrappers_paged", "forward_metadata", "num_wrappers",
+        "prefill_uses_dequant_workspace", "enable_mis", "req_to_token_pool")),
+)
+
+
+class ContractError(RuntimeError):
+    """An SGLang target sglang-holes relies on is missing or has another shape."""
+
+
+def _resolve(dotted: str) -> Any:
+    obj_path, attr = dotted.rsplit(".", 1)
+    try:
+        return getattr(pkgutil.resolve_name(obj_path), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ContractError(f"SGLang target {dotted} is gone ({type(e).__name__}: {e})") from None
+
+
+def our_hook(spec: HookSpec) -> Any:
+    module, name = spec.hook.split(":")
+    return getattr(importlib.import_module(f"sglang_holes.patches.{module}"), name)
+
+
+def check_hook(spec: HookSpec) -> None:
+    """``ContractError`` unless ``spec.target`` exists, starts with ``spec.params`` and our hook accepts
+    the call HookRegistry makes: ``(result | original,)`` for after | around hooks, then the target's arguments."""
+    if spec.kind not in ("before", "after", "around"):
+        raise ContractError(f"{spec.target}: unknown hook kind {spec.kind!r}")
+    target = _resolve(spec.target)
+    fn = inspect.unwrap(getattr(target, "__func__", target))
+    names = [p.name for p in inspect.signature(fn).parameters.values()]
+    if tuple(names[: len(spec.params)]) != spec.params:
+        raise ContractError(f"{spec.target} takes {names}; sglang-holes expects it to start with {list(spec.params)}")
+    lead = () if spec.kind == "before" else (object(),)
+    try:
+        inspect.signature(our_hook(spec)).bind(*lead, *(object() for _ in names))
+    except TypeError as e:
+        raise ContractError(f"hook {spec.hook} cannot take the arguments of {spec.target}: {e}") from None
+
+
+def check_registry(entry: RegistryEntry) -> None:
+    registry = _resolve(entry.registry)
+    if isinstance(registry, dict):
+        if entry.key not in registry:
+            raise ContractError(f"{entry.registry} has no {entry.key!r} entry to wrap")
+    elif not callable(registry):
+        raise ContractError(f"{entry.registry} is neither a registry dict nor a registering function")
+
+
+def check_subclassed(sub: Subclassed) -> None:
+    cls = _resolve(sub.cls)
+    missing = [m for m in sub.methods if not callable(getattr(cls, m, None))]
+    if missing:
+        raise ContractError(f"{sub.cls} no longer has {missing}")
+
+
+def check_attributes(attrs: Attributes) -> None:
+    """Dataclass fields, class attributes, or ``self.<name>`` assignments in the class source."""
+    cls = _resolve(attrs.cls)
+    known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    source = "".join(inspect.getsource(c) for c in cls.__mro__ if c.__module__.startswith("sglang."))
+    missing = [a for a in attrs.names if a not in known and not hasattr(cls, a)
+               and not re.search(rf"\bself\.{a}\s*(:[^=\n]*)?=", source)]
+    if missing:
+        raise ContractError(f"{attrs.cls} no longer sets {missing}")
+
+
+def verify() -> None:
+    """Check every entry of the table against the installed SGLang (``ContractError`` on the first mismatch)."""
+    for spec in HOOKS:
+        check_hook(spec)
+    for entry in REGISTRY_ENTRIES:
+        check_registry(entry)
+    for sub in SUBCLASSED:
+        check_subclassed(sub)
+    for attrs in ATTRIBUTES:
+        check_attributes(attrs)
+
+
+def register_hooks() -> None:
+    """Register every hook of ``HOOKS`` with SGLang's ``HookRegistry`` (applied by SGLang after plugins load)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for spec in HOOKS:
+        HookRegistry.register(spec.target, our_hook(spec), HookType(spec.kind))

@@ -1,0 +1,67 @@
+"""``POST /holes/evict`` on SGLang's HTTP server.
+
+Added by a BEFORE hook on ``http_server._setup_and_run_http_server`` (the point where
+SGLang hands the app its ``PortArgs``), only for servers that run
+``--radix-cache-backend holes``. Body: ``{"input_ids": [...], "start": s, "end": e}``
+(half-open token positions of a cached prompt). Answers ``200 {"freed_tokens": n}``;
+``400 {"error": ...}`` for a malformed body, a prompt not in the cache, an empty,
+reversed or out-of-range span, or KV locked by a running request (the cache is then
+unchanged); ``504`` if the scheduler does not answer.
+
+The request reaches the scheduler like ``Engine.evict_span`` does: through SGLang's
+RPC endpoint (``PortArgs.rpc_ipc_name``), on a DEALER socket this hook binds, as
+``sglang.Engine`` does for its ``collective_rpc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from fastapi import Request  # module level: FastAPI resolves the (string) annotation here
+from fastapi.responses import ORJSONResponse
+
+from sglang_holes.patches.hooks import BACKEND_NAME
+from sglang_holes.patches.scheduler_rpc import call_evict_span, evict_span_params
+
+ROUTE = "/holes/evict"
+
+
+def add_evict_route(app: Any, rpc_endpoint: str) -> None:
+    import zmq
+    from sglang.srt.utils.network import get_zmq_socket
+
+    sock = get_zmq_socket(zmq.Context(1), zmq.DEALER, rpc_endpoint, True)
+    lock = threading.Lock()  # one request in flight on the socket: replies are not tagged
+
+    def call(params: dict[str, Any]) -> int:
+        with lock:
+            return call_evict_span(sock, params)
+
+    async def evict(request: Request) -> ORJSONResponse:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object {input_ids, start, end}")
+            unknown = set(body) - {"input_ids", "start", "end"}
+            if unknown:
+                raise ValueError(f"unknown fields: {sorted(unknown)}")
+            params = evict_span_params(body.get("input_ids"), body.get("start"), body.get("end"))
+            freed = await asyncio.to_thread(call, params)
+        except TimeoutError as e:
+            return ORJSONResponse({"error": str(e)}, status_code=504)
+        except ValueError as e:  # includes malformed JSON (json.JSONDecodeError)
+            return ORJSONResponse({"error": str(e)}, status_code=400)
+        return ORJSONResponse({"freed_tokens": freed})
+
+    app.add_api_route(ROUTE, evict, methods=["POST"])
+
+
+def before_setup(server_args: Any, tokenizer_manager: Any, template_manager: Any, port_args: Any,
+                  *args: Any, **kwargs: Any) -> None:
+    if getattr(server_args, "radix_cache_backend", None) == BACKEND_NAME:
+        from sglang.srt.entrypoints import http_server
+
+        add_evict_route(http_server.app, port_args.rpc_ipc_name)
+    return None

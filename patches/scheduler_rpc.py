@@ -1,0 +1,79 @@
+"""Our RPC methods (``evict_span``, ``chunk_kv``) reach the scheduler through SGLang's RPC channel.
+
+An AROUND hook on ``Scheduler.handle_rpc_request`` answers the methods
+``sglang_holes.evict_span`` and ``sglang_holes.chunks.kv_copy`` itself (every other method
+goes to SGLang unchanged). The reply is SGLang's ``RpcReqOutput``: ``success`` and a
+JSON ``message`` carrying the result, or the error for bad input (the server keeps
+serving).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+EVICT_SPAN = "sglang_holes.evict_span"
+CHUNK_KV = "sglang_holes.chunk_kv"
+
+
+def around_rpc(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwargs: Any) -> Any:
+    method = getattr(recv_req, "method", None)
+    if method not in (EVICT_SPAN, CHUNK_KV):
+        return original(scheduler, recv_req, *args, **kwargs)
+    from sglang.srt.managers.io_struct import RpcReqOutput
+
+    from sglang_holes.patches.radix_cache import HoleRadixCache
+
+    tree = scheduler.tree_cache
+    p = recv_req.parameters or {}
+    try:
+        if not isinstance(tree, HoleRadixCache):
+            raise ValueError(f"{method} needs the holes radix cache (--radix-cache-backend holes)")
+        if method == CHUNK_KV:
+            if tree.chunks is None:
+                raise ValueError("chunk reuse is not enabled on this server")
+            k, v, offset = tree.chunks.read(p.get("tokens") or [], (p.get("extra_key"), p.get("cache_salt")),
+                                            p.get("layer", 0), p.get("offset"))
+            return RpcReqOutput(success=True, message=json.dumps({"k": k.tolist(), "v": v.tolist(),
+                                                                  "offset": offset}))
+        freed = tree.evict_span(p.get("input_ids") or [], p.get("start"), p.get("end"),
+                                p.get("extra_key"), p.get("cache_salt"))
+        return RpcReqOutput(success=True, message=json.dumps({"freed_tokens": freed}))
+    except (ValueError, TypeError) as e:
+        return RpcReqOutput(success=False, message=str(e))
+
+
+def evict_span_params(input_ids: Any, start: Any, end: Any) -> dict[str, Any]:
+    """Validate the request shape on the caller's side (the scheduler checks the span itself)."""
+    if not isinstance(input_ids, list | tuple) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in input_ids):
+        raise ValueError("input_ids must be a list of token ids (integers)")
+    for name, value in (("start", start), ("end", end)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    return {"input_ids": [int(t) for t in input_ids], "start": start, "end": end}
+
+
+def call_evict_span(sock: Any, params: dict[str, Any], timeout_s: float = 60.0) -> int:
+    """Send ``sglang_holes.evict_span`` on a DEALER socket bound to SGLang's RPC endpoint.
+
+    Returns the freed token count; raises ``ValueError`` with the scheduler's message for
+    bad input and ``TimeoutError`` if the scheduler does not answer in ``timeout_s``.
+    """
+    return int(call_rpc(sock, EVICT_SPAN, params, timeout_s)["freed_tokens"])
+
+
+def call_rpc(sock: Any, method: str, params: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
+    """One of our RPC methods -> its JSON reply (``ValueError`` / ``TimeoutError`` as above)."""
+    import zmq
+    from sglang.srt.managers.io_struct import RpcReqInput, sock_recv, sock_send
+
+    while sock.poll(0, zmq.POLLIN):  # a late reply to a call that timed out: replies carry no id
+        sock_recv(sock)
+    sock_send(sock, RpcReqInput(method=method, parameters=params))
+    if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+        raise TimeoutError(f"the scheduler did not answer {method} within {timeout_s:.0f} s")
+    reply = sock_recv(sock)
+    if not reply.success:
+        raise ValueError(reply.message)
+    return json.loads(reply.message)

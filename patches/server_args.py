@@ -1,0 +1,131 @@
+"""Server-argument defaults: ONE table, applied to ``sglang_holes.Engine`` keyword arguments
+and to ``sglang-holes serve`` flags alike. Every default yields to an explicit user setting.
+
+On a machine without CUDA, SGLang 0.5.23 runs with ``device="cpu"``,
+``attention_backend="torch_native"`` and ``dtype="float32"`` on the out-of-tree CPU
+platform (``patches/platform.py``). With a GPU, SGLang's own defaults stand, except that
+a ``holes`` server does not capture prefill CUDA graphs (hole batches are planned per
+batch and cannot replay a captured plan; decode graphs are unaffected).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sglang_holes.config import select_platform, selected_platform
+from sglang_holes.patches.platform import PLATFORM_NAME
+from sglang_holes.patches.radix_cache import BACKEND_NAME
+
+ALWAYS, CPU, GPU_HOLES = "always", "cpu", "gpu+holes"
+
+
+@dataclass(frozen=True)
+class Default:
+    """``field`` (a ``ServerArgs`` name) defaults to ``value`` where ``applies``, unless the user
+    set it or any field of ``unless``."""
+
+    field: str
+    value: Any
+    applies: str
+    unless: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+DEFAULTS: tuple[Default, ...] = (
+    # Engine: pass radix_cache_backend=None for SGLang's own cache; serve: --radix-cache-backend radix.
+    Default("radix_cache_backend", BACKEND_NAME, ALWAYS),
+    Default("disable_prefill_cuda_graph", True, GPU_HOLES, unless=("cuda_graph_backend_prefill",)),
+    Default("device", "cpu", CPU),
+    Default("attention_backend", "torch_native", CPU),
+    Default("sampling_backend", "pytorch", CPU),
+    Default("dtype", "float32", CPU),
+    Default("disable_cuda_graph", True, CPU),
+    # An idle scheduler otherwise busy-polls its sockets at 100% of a core; on a CPU box that
+    # core is the one the next request (or another engine) needs. Wakes at once on a message.
+    Default("sleep_on_idle", True, CPU),
+    # SGLang sizes the KV pool from free host RAM on CPU; a fixed pool keeps a laptop or CI
+    # runner from reserving most of its memory.
+    Default("max_total_tokens", 65536, CPU),
+)
+
+# Fields whose given value decides which defaults apply (besides the defaults' own fields).
+_DECIDING = ("device", "radix_cache_backend", "cuda_graph_backend_prefill")
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def prepare_cpu_environment() -> None:
+    """Select the out-of-tree CPU platform for this process and every process it spawns.
+
+    Raises ``RuntimeError`` if ``lscpu`` (needed by SGLang's CPU thread binding) is missing.
+    """
+    if shutil.which("lscpu") is None:
+        raise RuntimeError("SGLang on CPU needs the `lscpu` binary (Debian/Ubuntu: apt-get install util-linux)")
+    chosen = selected_platform()
+    if chosen is None or chosen == PLATFORM_NAME:  # never override a platform the user chose
+        select_platform(PLATFORM_NAME)
+
+
+def missing_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The defaults to add to the user's settings ``given`` (field -> value; present = set).
+
+    The CPU defaults apply without CUDA unless another device was asked for (and then
+    select the CPU platform); the GPU one only with CUDA and the ``holes`` cache.
+    """
+    cuda = has_cuda()
+    backend = given.get("radix_cache_backend", BACKEND_NAME)
+    on = {ALWAYS: True,
+          CPU: not cuda and given.get("device") in (None, "cpu"),
+          GPU_HOLES: cuda and backend == BACKEND_NAME}
+    out = {d.field: d.value for d in DEFAULTS
+           if on[d.applies] and d.field not in given and not any(u in given for u in d.unless)}
+    if on[CPU]:
+        prepare_cpu_environment()
+    return out
+
+
+def apply_engine_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``sglang_holes.Engine`` keyword arguments with the table's defaults filled in."""
+    return {**kwargs, **missing_defaults(kwargs)}
+
+
+def flag_value(argv: Sequence[str], flag: str) -> tuple[int, str] | None:
+    """(index of the value, value) of ``flag`` in ``argv``, or None."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return i + 1, argv[i + 1]
+        if a.startswith(flag + "="):
+            return i, a.split("=", 1)[1]
+    return None
+
+
+def _given_flags(argv: Sequence[str]) -> dict[str, Any]:
+    """The table's fields the user set in ``argv`` (a bare boolean flag reads as True)."""
+    given: dict[str, Any] = {}
+    for name in {d.field for d in DEFAULTS} | set(_DECIDING):
+        flag = "--" + name.replace("_", "-")
+        found = flag_value(argv, flag)
+        if found is not None and not found[1].startswith("--"):
+            given[name] = found[1]
+        elif flag in argv:
+            given[name] = True
+    return given
+
+
+def apply_cli_defaults(argv: Sequence[str]) -> list[str]:
+    """``sglang serve`` flags with the table's defaults appended."""
+    out = list(argv)
+    for name, value in missing_defaults(_given_flags(out)).items():
+        flag = "--" + name.replace("_", "-")
+        out += [flag] if value is True else [flag, str(value)]
+    return out

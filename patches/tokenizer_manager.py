@@ -1,0 +1,36 @@
+"""Entry validation of chunk hints: ``TokenizerManager._validate_one_request`` (AFTER hook).
+
+Runs in the tokenizer manager for ``/generate``, the OpenAI endpoints and
+``Engine.generate`` alike, once the prompt is tokenized: a malformed
+``sglang_holes.chunks`` action (unknown version or policy, unsorted, overlapping,
+empty or out-of-range chunks, unknown fields), a server without the ``holes`` cache,
+a model whose RoPE cannot be re-rotated, or the ``deviation`` policy where its probe
+cannot run (architecture, tensor parallelism) raises ``ValueError``, which SGLang
+answers with HTTP 400 (``Engine``: the exception); nothing reaches the scheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sglang_holes.chunks.deviation import check_supported
+from sglang_holes.chunks.rope import RopeSpec
+from sglang_holes.patches.hooks import BACKEND_NAME
+from sglang_holes.patches.kv_hints import find_chunk_hints
+
+
+def after_validate(result: Any, manager: Any, obj: Any, input_ids: Any, *_: Any, **__: Any) -> Any:
+    hints = find_chunk_hints(getattr(obj, "kv_hints", None))
+    if hints is None:
+        return result
+    if getattr(manager.server_args, "radix_cache_backend", None) != BACKEND_NAME or \
+            getattr(manager.server_args, "disable_radix_cache", False):
+        raise ValueError("sglang_holes.chunks hints need the holes radix cache (--radix-cache-backend holes, "
+                         "radix cache enabled)")
+    hints.check_length(len(input_ids or []))
+    hf = getattr(manager.model_config, "hf_text_config", None) or manager.model_config.hf_config
+    config = hf.to_dict()
+    RopeSpec.from_config(config)  # UnsupportedRopeError (a ValueError) for YaRN, dynamic NTK, ...
+    if hints.policy == "deviation":
+        check_supported(config, getattr(manager.server_args, "tp_size", 1))
+    return result

@@ -1,0 +1,69 @@
+"""Hole-aware torch_native attention backend (CPU).
+
+Registered over ``ATTENTION_BACKENDS["torch_native"]`` in SGLang's attention-backend
+registry (``patches/plugin.py``); the factory returns the stock backend unless the server
+runs the ``holes`` radix cache, so installing sglang-holes changes nothing for anyone else.
+
+For an extend batch that carries a ``HolePlan`` (``patches/schedule_batch.py``) each layer
+writes the K/V of every missing token into its slot first, then computes attention for
+the compacted queries only, through ``sglang_holes.segmented_attention`` (``sdpa``: torch's
+fused SDPA with the plan's mask, tested against the pure-torch reference; every query
+attends to its sequence's keys at positions <= its ORIGINAL position, O(m·n) instead of
+stock torch_native's O(n²) per request). Other batches take
+the stock code path unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from sglang_holes.attention.segmented import segmented_attention
+from sglang_holes.config import HolesConfig
+from sglang_holes.patches.forward_batch import BatchHolePlan, hole_plan_from_positions
+
+
+class HoleTorchNativeAttnBackend(TorchNativeAttnBackend):
+    """Stock torch_native, plus one ``segmented_attention`` per layer for batches with holes."""
+
+    _hole: BatchHolePlan | None = None
+
+    def __init__(self, model_runner: Any, *args: Any, config: HolesConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(model_runner, *args, **kwargs)
+        # prefix-only (benchmark baseline): every extend takes the hole attention code.
+        self._every_extend = (config or HolesConfig()).prefix_only
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        super().init_forward_metadata(forward_batch)
+        # Plan once per batch; every layer's forward_extend only consumes it.
+        self._hole = None
+        if forward_batch.forward_mode.is_extend():
+            self._hole = hole_plan_from_positions(forward_batch, self.req_to_token_pool.req_to_token,
+                                                  always=self._every_extend)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if self._hole is None or layer.is_cross_attention:
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        plan, slot_table = self._hole.plan, self._hole.slot_table
+        if save_kv_cache and k is not None and v is not None:
+            # Every hole's K/V is written before this layer attends (exactness invariant).
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
+            )
+        q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        window = getattr(layer, "sliding_window_size", None)
+        o = segmented_attention(
+            q_,
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            slot_table,
+            plan,
+            backend="sdpa",
+            sm_scale=layer.scaling,
+            logits_soft_cap=layer.logit_cap if getattr(layer, "logit_cap", 0) else None,
+            window_left=window if window is not None and window > -1 else -1,
+        )
+        return o.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+

@@ -1,0 +1,30 @@
+"""Cache layer: the hole-aware radix tree, its eviction policies and the recompute cost they weigh.
+
+* ``node`` -- ``Node`` (one edge; ``slots is None`` = a hole), handles and result types.
+* ``tree`` -- ``HoleTree``: match through holes, identity-aware insert, locks, eviction.
+* ``eviction`` -- ``EvictionPolicy`` objects by name (``lru-leaf``, ``cost-aware``), injected into the tree.
+* ``recompute_cost`` -- FLOPs to rebuild the KV of a span (what ``cost-aware`` weighs).
+* ``extend_plan`` -- per request: which positions reuse cached KV, which are recomputed.
+"""
+
+from __future__ import annotations
+
+from sglang_holes.cache.eviction import EVICTION_POLICIES, CostAware, EvictionPolicy, LRULeaf, make_policy
+from sglang_holes.cache.node import InsertResult, MatchResult, Node, Segment, TreeHandle
+from sglang_holes.cache.recompute_cost import RecomputeCost
+from sglang_holes.cache.tree import HoleTree
+
+__all__ = [
+    "EVICTION_POLICIES",
+    "CostAware",
+    "EvictionPolicy",
+    "HoleTree",
+    "InsertResult",
+    "LRULeaf",
+    "MatchResult",
+    "Node",
+    "RecomputeCost",
+    "Segment",
+    "TreeHandle",
+    "make_policy",
+]

@@ -1,0 +1,166 @@
+"""Eviction policies for ``HoleTree``.
+
+``lru-leaf`` — stock SGLang: only leaves of the cached set (cached nodes with no cached
+descendant), least recently used first, whole nodes. The cache stays prefix-closed
+unless something else punched a hole.
+
+``cost-aware`` — evict the KV whose expected recompute cost per freed slot is lowest,
+wherever it sits: interior nodes too (their descendants keep KV and later requests
+recompute only the hole), and only the head of a node when less is needed.
+
+    priority(node) = reuse(node) · cost(head) / len(head)               (lowest goes first)
+    reuse(node)    = hits(node) / (now − created(node) + τ)  ·  τ / (now − last_access(node) + τ)
+
+* ``head`` is the part an eviction of ``num_tokens`` would drop: the node's first
+  ``num_tokens`` tokens (rounded up to pages), or the whole node if shorter — earlier
+  positions are cheaper to rebuild, so a node is eaten from its start.
+* ``cost/len`` is the FLOPs to rebuild one of those slots (``recompute_cost``): larger
+  deep in a long context, where every token attends to more keys.
+* ``hits`` counts the matches that walked through the node. Every hit on a descendant
+  passes through its ancestors, so a shared system prompt or document prefix
+  accumulates the hits of everything below it and is the last to go.
+* ``reuse`` estimates how likely the node is to be needed soon. Its first factor is the
+  node's hit RATE over its lifetime (in tree clock ticks, one per match or insert): raw
+  counts would protect the old nodes of a conversation over its equally-needed young
+  ones. Its second factor decays with idle time, as LRU does: a context that stopped
+  being used (an agent that started a new task, a closed chat) loses its claim however
+  often it was hit before. ``τ`` (default 32 ticks, ~10 requests) damps both for
+  brand-new nodes, whose single hit over a tiny lifetime says little.
+
+Worked example (SmolLM2-135M constants: linear ≈ 0.21 GFLOP/token, attention ≈ 69 kFLOP/key):
+a shared 1k-token system prompt S hit 10 times, and two 8k-token documents A, B below
+it, created at the same time, each hit 5 times, all just used; 1k tokens must go. One slot
+of S costs ≈ 0.21 G + 69 k·500 ≈ 0.25 GFLOP, at twice A's rate: 0.49 (in units of A's rate); a slot
+in the first 1k of A costs ≈ 0.21 + 69 k·1.5 k ≈ 0.31 GFLOP; a slot in A's last 1k costs
+≈ 0.21 + 69 k·8.5 k ≈ 0.80 GFLOP. So cost-aware punches a hole at the START of A (or B),
+keeping S and the expensive tails, while lru-leaf drops a tail, which costs ~2.5× more
+per slot to recompute — and, the cache being prefix-closed, a returning request then
+recomputes the whole tail rather than a cheap hole.
+
+``benchmarks/simulate_eviction.py`` compares the two policies on traces; its table is
+in the README.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Protocol
+
+from sglang_holes.cache.node import Node
+from sglang_holes.cache.recompute_cost import SMOLLM2_135M, RecomputeCost
+
+
+class TreeView(Protocol):
+    """What a policy reads of the tree it serves (``HoleTree`` satisfies it)."""
+
+    root: Node
+    page_size: int
+    now: int  # logical clock, one tick per match or insert
+
+    def nodes(self) -> list[Node]:
+        """Every node, pre-order DFS from the root."""
+        ...
+
+
+class EvictionPolicy(Protocol):
+    name: str
+    partial: bool  # may evict the head of a node
+
+    def victims(self, tree: TreeView, num_tokens: int) -> Iterator[Node]:
+        """Yield cached, unlocked nodes to evict for ``num_tokens`` slots, best first; lazily
+        (the tree evicts each yielded node, or its head, before asking for the next)."""
+        ...
+
+
+def _cached_frontier(tree: TreeView) -> list[Node]:
+    """Cached, unlocked nodes with no cached descendant."""
+    out: list[Node] = []
+    has_cached: dict[int, bool] = {}
+    order = tree.nodes()
+    for n in reversed(order):  # children before parents (nodes() is a pre-order DFS)
+        below = any(c.slots is not None or has_cached[id(c)] for c in n.children.values())
+        has_cached[id(n)] = below
+        if n.slots is not None and not below and n.lock_ref == 0:
+            out.append(n)
+    return out
+
+
+def _evictable(n: Node) -> bool:
+    return n.parent is not None and n.slots is not None and n.lock_ref == 0
+
+
+class LRULeaf:
+    name = "lru-leaf"
+    partial = False
+
+    def victims(self, tree: TreeView, num_tokens: int) -> Iterator[Node]:
+        tie = itertools.count()
+        heap = [(n.last_access, next(tie), n) for n in _cached_frontier(tree)]
+        heapq.heapify(heap)
+        while heap:
+            _, _, n = heapq.heappop(heap)
+            if not _evictable(n) or n.has_cached_descendant():
+                continue
+            up = n.parent
+            while up is not None and up is not tree.root and up.slots is None:
+                up = up.parent
+            yield n
+            # Its nearest cached ancestor may now be a leaf of the cached set.
+            if up is not None and up is not tree.root and _evictable(up) \
+                    and not up.has_cached_descendant():
+                heapq.heappush(heap, (up.last_access, next(tie), up))
+
+
+class CostAware:
+    name = "cost-aware"
+    partial = True
+
+    def __init__(self, cost: RecomputeCost, tau: float = 32.0):
+        if tau <= 0:
+            raise ValueError("tau must be > 0")
+        self.cost = cost
+        self.tau = tau
+
+    def priority(self, n: Node, chunk: int, now: int) -> float:
+        """Of the part that would go: the node's head of ``chunk`` tokens (all of a shorter node)."""
+        c = min(chunk, len(n.key))
+        reuse = max(n.hits, 1) / (now - n.created + self.tau) * self.tau / (now - n.last_access + self.tau)
+        return reuse * self.cost.span(n.start, n.start + c) / c
+
+    def victims(self, tree: TreeView, num_tokens: int) -> Iterator[Node]:
+        P = tree.page_size
+        chunk = max(P, -(-num_tokens // P) * P)
+        tie = itertools.count()
+        now = tree.now
+        heap = [(self.priority(n, chunk, now), next(tie), n) for n in tree.nodes()
+                if n.slots is not None and n.lock_ref == 0]
+        heapq.heapify(heap)
+        while heap:
+            _, _, n = heapq.heappop(heap)
+            if not _evictable(n):
+                continue
+            yield n
+            if _evictable(n):  # only its head was evicted; the rest stays a candidate
+                heapq.heappush(heap, (self.priority(n, chunk, now), next(tie), n))
+
+
+def _cost_aware(recompute_cost: RecomputeCost | None) -> CostAware:
+    return CostAware(recompute_cost or SMOLLM2_135M)
+
+
+# name -> factory(recompute cost of the served model, or None for SmolLM2-135M's constants)
+EVICTION_POLICIES: Mapping[str, Callable[[RecomputeCost | None], EvictionPolicy]] = MappingProxyType({
+    LRULeaf.name: lambda _cost: LRULeaf(),
+    CostAware.name: _cost_aware,
+})
+
+
+def make_policy(name: str, recompute_cost: RecomputeCost | None = None) -> EvictionPolicy:
+    """The registered policy ``name`` (``ValueError`` for an unknown name)."""
+    factory = EVICTION_POLICIES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown eviction policy {name!r}; expected one of {tuple(EVICTION_POLICIES)}")
+    return factory(recompute_cost)

@@ -1,0 +1,100 @@
+"""HoleTree's node and result types, and input validation shared by its operations."""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+
+class Segment(NamedTuple):
+    """Positions ``[start, end)`` of a matched sequence and their KV slots (None: a hole)."""
+
+    start: int
+    end: int
+    slots: torch.Tensor | None
+
+    @property
+    def cached(self) -> bool:
+        return self.slots is not None
+
+
+class Node:
+    """One tree edge: ``key`` tokens starting at position ``start``; ``slots`` is None for a hole."""
+
+    __slots__ = ("children", "created", "hits", "key", "last_access", "lock_ref", "parent", "slots", "start")
+
+    def __init__(self, key: tuple[int, ...], start: int, slots: torch.Tensor | None, parent: Node | None):
+        self.key = key
+        self.start = start
+        self.slots = slots
+        self.parent = parent
+        self.children: dict[tuple[int, ...], Node] = {}
+        self.lock_ref = 0
+        self.hits = 0
+        self.last_access = 0
+        self.created = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.key)
+
+    @property
+    def is_hole(self) -> bool:
+        return self.slots is None
+
+    def has_cached_descendant(self) -> bool:
+        """Whether any node below this one still holds KV (a hole above it must then stay)."""
+        stack = list(self.children.values())
+        while stack:
+            n = stack.pop()
+            if n.slots is not None:
+                return True
+            stack.extend(n.children.values())
+        return False
+
+
+class TreeHandle:
+    """What a match pins: the deepest matched node holding KV (root if none). Lock it with
+    ``HoleTree.lock``; the tree counts this handle's own locks so a double unlock is refused."""
+
+    __slots__ = ("locks", "node")
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.locks = 0
+
+
+class MatchResult(NamedTuple):
+    segments: list[Segment]  # ordered, covering [0, len(tokens)); slots None = hole
+    missing: list[tuple[int, int]]  # spans without KV, the uncached tail included
+    reused_tokens: int  # tokens whose KV is cached
+    cached_prefix_len: int  # leading run of cached tokens (what stock SGLang would reuse)
+    handle: TreeHandle
+    prefix_node: Node  # the node ending the leading cached run (the root if there is none)
+
+
+class InsertResult(NamedTuple):
+    rejected_slots: torch.Tensor  # given slots the tree did not take: the caller frees them
+    handle: TreeHandle  # deepest node of the inserted path
+
+
+def _as_tokens(tokens: Sequence[int]) -> tuple[int, ...]:
+    out = tuple(tokens)
+    try:
+        array("q", out)  # validates every element at C speed: match/insert stay O(tokens / page) in Python
+    except (TypeError, OverflowError):
+        bad = next(t for t in out if not isinstance(t, int) or not -(2**63) <= t < 2**63)
+        raise TypeError(f"tokens must be ints, got {type(bad).__name__} {bad!r}") from None
+    return out
+
+
+def _as_slots(slots: torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
+    s = slots if isinstance(slots, torch.Tensor) else torch.tensor(list(slots), dtype=torch.int64)
+    if s.dim() != 1 or s.dtype.is_floating_point or s.dtype == torch.bool:
+        raise TypeError("slots must be a 1-D integer tensor or a sequence of ints")
+    if s.numel() != n:
+        raise ValueError(f"got {s.numel()} slots for {n} tokens (one slot per token)")
+    return s.to(torch.int64).cpu()

@@ -1,0 +1,342 @@
+"""HoleTree: a radix tree over token ids whose nodes may lose their KV while their
+descendants keep theirs ("holes"), with matching through holes and pluggable eviction.
+
+Units: tokens and positions are token counts; with ``page_size = P > 1`` every node key
+is a whole number of pages, keys are compared page by page, and a sequence's trailing
+partial page is never cached. Spans are half-open ``[start, end)`` positions.
+
+Ownership: a KV slot belongs to exactly one of the free list, the tree, or a caller.
+``insert`` takes the slots it stores and reports the others as ``rejected_slots`` (the
+caller frees those); ``evict``/``evict_span`` return the slots they free (the caller
+returns them to its allocator). The tree never frees anything itself.
+
+Eviction policies live in ``sglang_holes.cache.eviction``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sglang_holes.cache.eviction import EvictionPolicy, LRULeaf
+from sglang_holes.cache.node import (
+    InsertResult,
+    MatchResult,
+    Node,
+    Segment,
+    TreeHandle,
+    _as_slots,
+    _as_tokens,
+)
+
+__all__ = ["HoleTree", "InsertResult", "MatchResult", "Node", "TreeHandle"]
+
+class HoleTree:
+    """Radix tree with holes. See the module docstring for units and ownership.
+
+    Args:
+        page_size: tokens per page (keys compared by page; partial pages never cached).
+        policy: an ``EvictionPolicy`` (``sglang_holes.cache.eviction.make_policy(name)``);
+            default ``LRULeaf()`` (stock SGLang: leaves only, least recently used first).
+            ``CostAware`` evicts the cheapest expected recompute per freed slot and may
+            punch interior holes.
+    """
+
+    def __init__(self, page_size: int = 1, policy: EvictionPolicy | None = None):
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        if policy is not None and not callable(getattr(policy, "victims", None)):
+            raise TypeError(f"policy must be an EvictionPolicy (make_policy(name)), got {policy!r}")
+        self.page_size = page_size
+        self.policy: EvictionPolicy = policy if policy is not None else LRULeaf()
+        self.root = Node((), 0, torch.zeros(0, dtype=torch.int64), None)
+        self.root.lock_ref = 1  # never evicted, never removed
+        self.now = 0  # logical clock: one tick per match or insert
+        self.evictable_size = 0  # cached tokens in unlocked nodes
+        self.protected_size = 0  # cached tokens in locked nodes
+
+    # ------------------------------------------------------------------ helpers
+
+    def _tick(self) -> int:
+        self.now += 1
+        return self.now
+
+    def _child_key(self, tokens: tuple[int, ...], pos: int) -> tuple[int, ...]:
+        return tokens[pos : pos + self.page_size]
+
+    def _common_len(self, key: tuple[int, ...], tokens: tuple[int, ...], pos: int) -> int:
+        """Length (whole pages) of the common prefix of ``key`` and ``tokens[pos:]``."""
+        n = min(len(key), len(tokens) - pos)
+        n -= n % self.page_size
+        if key[:n] == tokens[pos : pos + n]:
+            return n
+        P = self.page_size
+        i = 0
+        while i < n and key[i : i + P] == tokens[pos + i : pos + i + P]:
+            i += P
+        return i
+
+    def _split(self, node: Node, at: int) -> Node:
+        """Split ``node`` after ``at`` tokens; returns the new upper part (node keeps the rest)."""
+        parent = node.parent
+        assert parent is not None and 0 < at < len(node.key) and at % self.page_size == 0
+        upper = Node(node.key[:at], node.start, None if node.slots is None else node.slots[:at], parent)
+        upper.lock_ref, upper.hits, upper.last_access = node.lock_ref, node.hits, node.last_access
+        upper.created = node.created
+        parent.children[self._child_key(node.key, 0)] = upper
+        node.key = node.key[at:]
+        node.start += at
+        node.slots = None if node.slots is None else node.slots[at:]
+        node.parent = upper
+        upper.children[self._child_key(node.key, 0)] = node
+        return upper
+
+    def _walk(self, tokens: tuple[int, ...], split_end: bool = True) -> tuple[list[Node], int]:
+        """Nodes matching ``tokens`` from the root (whole pages) and the matched length.
+
+        If the match ends inside a node: with ``split_end`` that node is split and its
+        upper part ends the path; without, the node itself ends the path (partially matched).
+        """
+        path: list[Node] = []
+        node, pos = self.root, 0
+        while pos + self.page_size <= len(tokens):
+            child = node.children.get(self._child_key(tokens, pos))
+            if child is None:
+                break
+            n = self._common_len(child.key, tokens, pos)
+            if n < len(child.key):
+                if n > 0:
+                    path.append(self._split(child, n) if split_end else child)
+                    pos += n
+                break
+            path.append(child)
+            pos += n
+            node = child
+        return path, pos
+
+    def _add_size(self, node: Node, sign: int) -> None:
+        if node.slots is None or node is self.root:
+            return
+        if node.lock_ref > 0:
+            self.protected_size += sign * len(node.key)
+        else:
+            self.evictable_size += sign * len(node.key)
+
+    def _prune(self, node: Node) -> None:
+        """Remove ``node`` and its ancestors while they are unlocked holes without cached descendants."""
+        while node is not self.root and node.slots is None and node.lock_ref == 0 and not node.children:
+            parent = node.parent
+            assert parent is not None
+            del parent.children[self._child_key(node.key, 0)]
+            node.parent = None
+            node = parent
+
+    # ------------------------------------------------------------------ public API
+
+    def match(self, tokens: Sequence[int]) -> MatchResult:
+        """Longest path matching ``tokens``, walking through holes.
+
+        Internal updates (the only mutations): a node the match ends inside is split at
+        the boundary, and the matched nodes' access statistics (hit count, last access)
+        are updated. No KV is added, freed, locked or evicted.
+        """
+        toks = _as_tokens(tokens)
+        path, _ = self._walk(toks)
+        now = self._tick()
+        segments: list[Segment] = []
+        handle_node = prefix_node = self.root
+        in_prefix = True
+        for node in path:
+            node.hits += 1
+            node.last_access = now
+            if segments and segments[-1].cached == (node.slots is not None):
+                last = segments[-1]
+                slots = None if last.slots is None else torch.cat([last.slots, node.slots])
+                segments[-1] = Segment(last.start, node.end, slots)
+            else:
+                segments.append(Segment(node.start, node.end, node.slots))
+            if node.slots is not None:
+                handle_node = node
+            in_prefix = in_prefix and node.slots is not None
+            if in_prefix:
+                prefix_node = node
+        end = path[-1].end if path else 0
+        if end < len(toks):
+            if segments and not segments[-1].cached:
+                segments[-1] = Segment(segments[-1].start, len(toks), None)
+            else:
+                segments.append(Segment(end, len(toks), None))
+        missing = [(g.start, g.end) for g in segments if not g.cached]
+        reused = sum(g.end - g.start for g in segments if g.cached)
+        prefix = segments[0].end if segments and segments[0].cached else 0
+        return MatchResult(segments, missing, reused, prefix, TreeHandle(handle_node), prefix_node)
+
+    def insert(self, tokens: Sequence[int], slots: torch.Tensor | Sequence[int]) -> InsertResult:
+        """Store ``slots`` (one per token) for ``tokens``: fill holes, add new nodes.
+
+        Identity-aware: where the tree already holds KV, a given slot equal to the tree's
+        own is neither taken nor rejected; a different one is rejected. The trailing
+        partial page (page_size > 1) is rejected. Raises ``TypeError``/``ValueError`` on
+        bad input, with the tree unchanged.
+        """
+        toks = _as_tokens(tokens)
+        given = _as_slots(slots, len(toks))
+        n = len(toks) - len(toks) % self.page_size
+        rejected = [given[n:]]
+        path, _ = self._walk(toks[:n])
+        now = self._tick()
+        for node in path:
+            part = given[node.start : node.end]
+            node.last_access = now
+            if node.slots is None:
+                node.slots = part.clone()
+                self._add_size(node, +1)
+            else:
+                rejected.append(part[part != node.slots])
+        last = path[-1] if path else self.root
+        pos = last.end
+        if pos < n:
+            new = Node(toks[pos:n], pos, given[pos:n].clone(), last)
+            new.last_access, new.created, new.hits = now, now, 1  # computed for a request: used once
+            last.children[self._child_key(new.key, 0)] = new
+            self._add_size(new, +1)
+            last = new
+        return InsertResult(torch.cat(rejected), TreeHandle(last))
+
+    def lock(self, handle: TreeHandle) -> None:
+        """Pin the handle's node and all its ancestors (nested locks count)."""
+        node: Node | None = handle.node
+        if node is not self.root and node.parent is None:
+            raise ValueError("handle refers to a node no longer in the tree")
+        while node is not None and node is not self.root:
+            if node.lock_ref == 0:
+                self._add_size(node, -1)
+                node.lock_ref += 1
+                self._add_size(node, +1)
+            else:
+                node.lock_ref += 1
+            node = node.parent
+        handle.locks += 1
+
+    def unlock(self, handle: TreeHandle) -> None:
+        """Undo one ``lock(handle)``. Raises ``ValueError`` if this handle holds no lock."""
+        if handle.locks <= 0:
+            raise ValueError("unlock of a handle that is not locked (unlocked twice?)")
+        handle.locks -= 1
+        node: Node | None = handle.node
+        while node is not None and node is not self.root:
+            if node.lock_ref == 1:
+                self._add_size(node, -1)
+                node.lock_ref -= 1
+                self._add_size(node, +1)
+            else:
+                node.lock_ref -= 1
+            parent = node.parent
+            if node.lock_ref == 0 and node.slots is None and not node.children:
+                self._prune(node)
+            node = parent
+
+    def evict(self, num_tokens: int) -> torch.Tensor:
+        """Free at least ``num_tokens`` slots by the configured policy and return them.
+
+        Raises ``ValueError`` (tree unchanged) if fewer than ``num_tokens`` are evictable.
+        """
+        if num_tokens < 0:
+            raise ValueError("num_tokens must be >= 0")
+        if num_tokens > self.evictable_size:
+            raise ValueError(f"cannot evict {num_tokens} tokens: only {self.evictable_size} are evictable "
+                             f"({self.protected_size} locked)")
+        freed: list[torch.Tensor] = []
+        remaining, P = num_tokens, self.page_size
+        for node in self.policy.victims(self, num_tokens):
+            if remaining <= 0:
+                break
+            take = -(-remaining // P) * P
+            if self.policy.partial and take < len(node.key):
+                node = self._split(node, take)  # evict the head; `node` now names it
+            freed.append(self._drop_kv(node))
+            remaining -= freed[-1].numel()
+        return torch.cat(freed) if freed else torch.zeros(0, dtype=torch.int64)
+
+    def _drop_kv(self, node: Node) -> torch.Tensor:
+        assert node.slots is not None and node.lock_ref == 0 and node is not self.root
+        slots = node.slots
+        self._add_size(node, -1)
+        node.slots = None
+        if not node.children:
+            self._prune(node)
+        return slots
+
+    def evict_span(self, tokens: Sequence[int], start: int, end: int) -> torch.Tensor:
+        """Drop the KV of positions ``[start, end)`` of the cached path of ``tokens``.
+
+        Positions already without KV are skipped. Raises ``ValueError`` (tree unchanged)
+        for an empty/reversed/out-of-range or page-misaligned span, a path not in the
+        tree up to ``end``, or locked KV in the span. Returns the freed slots.
+        """
+        toks = _as_tokens(tokens)
+        P = self.page_size
+        if not (0 <= start < end <= len(toks)):
+            raise ValueError(f"span [{start}, {end}) is empty, reversed or outside [0, {len(toks)})")
+        if start % P or end % P:
+            raise ValueError(f"span [{start}, {end}) is not aligned to page_size={P}")
+        path, matched = self._walk(toks[:end], split_end=False)
+        if matched < end:
+            raise ValueError(f"positions up to {end} of this prompt are not in the cache")
+        hit = [n for n in path if n.end > start and n.slots is not None]
+        if any(n.lock_ref > 0 for n in hit):
+            raise ValueError(f"span [{start}, {end}) holds KV locked by a running request")
+        freed = []
+        for node in hit:
+            if node.start < start:
+                self._split(node, start - node.start)  # `node` keeps the part from `start`
+            if node.end > end:
+                node = self._split(node, end - node.start)
+            freed.append(self._drop_kv(node))
+        return torch.cat(freed) if freed else torch.zeros(0, dtype=torch.int64)
+
+    # ------------------------------------------------------------------ introspection
+
+    def nodes(self) -> list[Node]:
+        out, stack = [], list(self.root.children.values())
+        while stack:
+            n = stack.pop()
+            out.append(n)
+            stack.extend(n.children.values())
+        return out
+
+    def owned_slots(self) -> torch.Tensor:
+        parts = [n.slots for n in self.nodes() if n.slots is not None]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+    @property
+    def total_size(self) -> int:
+        return self.evictable_size + self.protected_size
+
+    def check_integrity(self) -> None:
+        """Raise ``AssertionError`` unless every structural and accounting invariant holds."""
+        evictable = protected = 0
+        P = self.page_size
+        for n in self.nodes():
+            p = n.parent
+            assert p is not None and p.children.get(self._child_key(n.key, 0)) is n, "dangling node"
+            assert len(n.key) > 0 and len(n.key) % P == 0, "empty or page-misaligned node"
+            assert n.start == p.end, "node start != parent end"
+            assert n.lock_ref >= 0, "negative lock count"
+            # lock_ref = locks whose handle is in this subtree, so it covers the children's.
+            assert n.lock_ref >= sum(c.lock_ref for c in n.children.values()), "lock counts inconsistent"
+            if n.slots is None:
+                assert n.lock_ref > 0 or n.has_cached_descendant(), "hole without cached descendant"
+            else:
+                assert n.slots.dtype == torch.int64 and n.slots.numel() == len(n.key), "slot count != key length"
+                if n.lock_ref > 0:
+                    protected += len(n.key)
+                else:
+                    evictable += len(n.key)
+        assert (evictable, protected) == (self.evictable_size, self.protected_size), (
+            f"size accounting: counted {(evictable, protected)}, "
+            f"recorded {(self.evictable_size, self.protected_size)}"
+        )
+        owned = self.owned_slots()
+        assert owned.unique().numel() == owned.numel(), "a slot is owned twice"
