@@ -16,6 +16,7 @@ from sglang_holes.config import HolesConfig
 from sglang_holes.patches.metrics import HoleMetrics
 from sglang_holes.patches.radix_cache import HoleRadixCache
 from sglang_holes.patches.radix_cache_chunks import ChunkReuse, probe_loader_for
+from sglang_holes.patches.server_args import refusal
 
 logger = logging.getLogger("sglang_holes")
 
@@ -47,6 +48,8 @@ def factory(ctx: Any) -> HoleRadixCache:
         raise ValueError("the holes radix cache does not support speculative decoding (EAGLE) yet")
     if ctx.enable_hierarchical_cache:
         raise ValueError("the holes radix cache does not support --enable-hierarchical-cache")
+    if (why := refusal(ctx.server_args)) is not None:
+        raise ValueError(why)
     hf = getattr(ctx.model_config, "hf_text_config", None) or getattr(ctx.model_config, "hf_config", None)
     cost = None
     if hf is not None:

@@ -30,6 +30,10 @@ class PortInUseError(RuntimeError):
     pass
 
 
+class UnsupportedConfigError(RuntimeError):
+    """A server setting the holes cache refuses (``patches/server_args.REFUSED``)."""
+
+
 def check_port_free(host: str, port: int) -> None:
     """Raise ``PortInUseError`` if ``host:port`` cannot be bound (another server is there)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -82,6 +86,10 @@ def serve(argv: Sequence[str]) -> int:
 
     load_plugins()
     server_args = prepare_server_args(argv)
+    from sglang_holes.patches.server_args import refusal
+
+    if (why := refusal(server_args)) is not None:
+        raise UnsupportedConfigError(why)
     print(f"sglang-holes: serving {server_args.model_path} on http://{server_args.host}:{server_args.port}",
           file=sys.stderr, flush=True)
     try:
@@ -120,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"installed: {installed_sglang_version()})")
             return 0
         return serve(rest)
-    except (ModelError, PortInUseError) as e:
+    except (ModelError, PortInUseError, UnsupportedConfigError) as e:
         print(f"sglang-holes: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as e:

@@ -27,7 +27,7 @@ from sglang_holes.chunks.hints import ChunkedPrompt, build_chunked_prompt
 from sglang_holes.model import resolve_model_path
 from sglang_holes.patches.hooks import verify
 from sglang_holes.patches.scheduler_rpc import CHUNK_KV, call_evict_span, call_rpc, evict_span_params
-from sglang_holes.patches.server_args import apply_engine_defaults
+from sglang_holes.patches.server_args import apply_engine_defaults, refusal
 from sglang_holes.patches.version import check_sglang_version
 
 
@@ -40,6 +40,8 @@ class Engine(SGLangEngine):
         if "server_args" not in kwargs:
             kwargs["model_path"] = resolve_model_path(kwargs.get("model_path"))
             kwargs = apply_engine_defaults(kwargs)  # radix_cache_backend=None selects SGLang's own cache
+            if (why := refusal(kwargs)) is not None:
+                raise ValueError(why)
         super().__init__(**kwargs)
 
     def chunked_prompt(self, prompt_chunks: list[str | list[int]], chunk_policy: str = "first_k",
@@ -76,15 +78,17 @@ class Engine(SGLangEngine):
             input_ids, kwargs["kv_hints"], _ = self.chunked_prompt(prompt_chunks, chunk_policy, **params)
         return super().generate(prompt, sampling_params, input_ids, *args, **kwargs)
 
-    def evict_span(self, input_ids: list[int], start: int, end: int) -> int:
+    def evict_span(self, input_ids: list[int], start: int, end: int, extra_key: str | None = None,
+                   cache_salt: str | None = None) -> int:
         """Drop the KV of positions ``[start, end)`` of a cached prompt (half-open, token positions).
 
         For external KV managers and tests. Returns how many tokens were freed (0 if the
         span was already a hole). Raises ``ValueError`` for a prompt not in the cache, an
         empty, reversed or out-of-range span, or KV locked by a running request; the
-        cache is then unchanged and the engine keeps serving.
+        cache is then unchanged and the engine keeps serving. ``extra_key`` / ``cache_salt``: the
+        namespace the prompt was generated under.
         """
-        return call_evict_span(self.send_to_rpc, evict_span_params(input_ids, start, end))
+        return call_evict_span(self.send_to_rpc, evict_span_params(input_ids, start, end, extra_key, cache_salt))
 
     def chunk_kv(self, tokens: list[int], layer: int = 0, offset: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -10,6 +10,7 @@ hook unpacks; ``tests/test_hook_contract.py`` runs it, and ``sglang_holes.Engine
   target's leading parameters the hook receives positionally).
 * ``REGISTRY_ENTRIES``: SGLang registries we add to or wrap (radix cache, attention backends).
 * ``SUBCLASSED``: SGLang classes we subclass and the methods we override or call.
+* ``INVARIANTS``: lines of SGLang's scheduler a hole fill relies on (virtual order).
 * ``ATTRIBUTES``: fields our hooks read or write on SGLang objects (``Req``,
   ``ScheduleBatch``, ``ForwardBatch``, ...). Requests and batches carry at most one
   attribute of ours each: ``req.holes`` (``RequestHoles``) and ``batch.holes`` (positions).
@@ -74,6 +75,8 @@ HOOKS: tuple[HookSpec, ...] = (
                                               "finish_reason")),
     HookSpec("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", "after",
              "tokenizer_manager:after_validate", ("self", "obj", "input_ids")),
+    HookSpec("sglang.srt.managers.io_struct.GenerateReqInput._normalize_kv_hints", "before",
+             "tokenizer_manager:before_normalize_kv_hints", ("self", "num")),
     HookSpec("sglang.srt.entrypoints.http_server._setup_and_run_http_server", "before",
              "http_server:before_setup", ("server_args", "tokenizer_manager", "template_manager", "port_args")),
     HookSpec("sglang.srt.managers.scheduler_components.internal_state."
@@ -112,6 +115,35 @@ ATTRIBUTES: tuple[Attributes, ...] = (
     Attributes(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend", (
         "indices_updater_prefill", "prefill_wrappers_paged", "forward_metadata", "num_wrappers",
         "prefill_uses_dequant_workspace", "enable_mis", "req_to_token_pool")),
+)
+
+
+class Invariant(NamedTuple):
+    """SGLang behaviour a hole fill relies on: ``target``'s source contains ``code``, because ``why``."""
+
+    target: str
+    code: str
+    why: str
+
+
+# Hole requests are shown to SGLang in virtual order (patches/request_holes.HoleFill): the
+# reused tokens as the prefix, then the missing ones. That works because of these lines.
+INVARIANTS: tuple[Invariant, ...] = (
+    Invariant("sglang.srt.mem_cache.common.match_kv_cache",
+              "req.kv.cache_protected_len = match_result.cache_protected_len",
+              "match_prefix reports R reused tokens as the prefix but only [0, P0) as tree-owned"),
+    Invariant("sglang.srt.mem_cache.allocation._prefix_kv_indices", "batch.tree_cache.prefix_device_indices(req)",
+              "a new request's prefix slots come from the cache (the reused spans), a later chunk's from its row"),
+    Invariant("sglang.srt.mem_cache.allocation._prefix_kv_indices", "row[: req.prefix_len]",
+              "a later chunk re-reads its own row (rewritten in position order by the extend hook)"),
+    Invariant("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw",
+              "self.chunked_req.init_next_round_input()",
+              "a chunked request is not matched again between chunks (its HoleFill carries on)"),
+    Invariant("sglang.srt.mem_cache.common.checkpoint_kv_cache", "req.prefix_len = req.extend_end",
+              "after each chunk the virtual prefix grows by the chunk's length"),
+    Invariant("sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend",
+              "new_cached = pre_len - req.already_computed",
+              "cached_tokens counts the admitted prefix (every reused token) once"),
 )
 
 
@@ -176,6 +208,12 @@ def check_attributes(attrs: Attributes) -> None:
         raise ContractError(f"{attrs.cls} no longer sets {missing}")
 
 
+def check_invariant(inv: Invariant) -> None:
+    source = inspect.getsource(inspect.unwrap(_resolve(inv.target)))
+    if inv.code not in source:
+        raise ContractError(f"{inv.target} no longer contains `{inv.code}`, which sglang-holes relies on: {inv.why}")
+
+
 def verify() -> None:
     """Check every entry of the table against the installed SGLang (``ContractError`` on the first mismatch)."""
     for spec in HOOKS:
@@ -186,6 +224,8 @@ def verify() -> None:
         check_subclassed(sub)
     for attrs in ATTRIBUTES:
         check_attributes(attrs)
+    for inv in INVARIANTS:
+        check_invariant(inv)
 
 
 def register_hooks() -> None:

@@ -43,11 +43,12 @@ def add_evict_route(app: Any, rpc_endpoint: str) -> None:
         try:
             body = await request.json()
             if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object {input_ids, start, end}")
-            unknown = set(body) - {"input_ids", "start", "end"}
+                raise ValueError("the body must be a JSON object {input_ids, start, end[, extra_key, cache_salt]}")
+            unknown = set(body) - {"input_ids", "start", "end", "extra_key", "cache_salt"}
             if unknown:
                 raise ValueError(f"unknown fields: {sorted(unknown)}")
-            params = evict_span_params(body.get("input_ids"), body.get("start"), body.get("end"))
+            params = evict_span_params(body.get("input_ids"), body.get("start"), body.get("end"),
+                                       body.get("extra_key"), body.get("cache_salt"))
             freed = await asyncio.to_thread(call, params)
         except TimeoutError as e:
             return ORJSONResponse({"error": str(e)}, status_code=504)

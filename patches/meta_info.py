@@ -27,18 +27,23 @@ KEYS = (RECOMPUTED, SPANS, CHUNKS)
 
 
 
-def record_recomputed(req: Any, spans: list[tuple[int, int]]) -> None:
+def record_recomputed(req: Any, spans: list[tuple[int, int]], continued: bool | None = None) -> None:
     """Record the prompt spans one extend of ``req`` computes (half-open, prompt positions).
 
-    A chunked prefill's next chunk continues the previous spans; any other extend of the
-    same request (a retracted request prefilled again) replaces them.
+    ``continued``: this extend continues the request's prefill (a later chunk), so its spans add
+    to the recorded ones; False: a new prefill (a retracted request prefilled again) replaces
+    them; None: decided by contiguity (a stock chunk continues the previous span).
     """
     spans = [[s, e] for s, e in spans if e > s]
     info = req.customized_info if req.customized_info is not None else {}
     prev = info.get(SPANS)
-    if prev and spans and prev[-1][1] == spans[0][0]:
-        prev[-1][1] = spans[0][1]
-        spans = prev + spans[1:]
+    if continued is None:
+        continued = bool(prev and spans and prev[-1][1] == spans[0][0])
+    if continued and prev:
+        if spans and prev[-1][1] == spans[0][0]:
+            prev[-1][1] = spans[0][1]
+            spans = spans[1:]
+        spans = prev + spans
     info[SPANS] = spans
     info[RECOMPUTED] = [sum(e - s for s, e in spans)]
     req.customized_info = info

@@ -28,6 +28,7 @@ never freed); ``evict`` returns slots to SGLang's allocator.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -44,13 +45,14 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
 from sglang_holes.cache.eviction import make_policy
+from sglang_holes.cache.namespaces import Namespaces
 from sglang_holes.cache.recompute_cost import RecomputeCost
 from sglang_holes.cache.tree import HoleTree, Node, TreeHandle
 from sglang_holes.config import HolesConfig
 from sglang_holes.patches.hooks import BACKEND_NAME
 from sglang_holes.patches.metrics import COUNTERS, HoleMetrics
 from sglang_holes.patches.radix_cache_chunks import ChunkReuse
-from sglang_holes.patches.request_holes import HoleMatch, holes_of
+from sglang_holes.patches.request_holes import HoleFill, holes_of
 
 __all__ = ["BACKEND_NAME", "HoleRadixCache"]
 
@@ -94,19 +96,13 @@ class HoleRadixCache(BasePrefixCache):
     # ------------------------------------------------------------------ namespaces
 
     def _tree(self, extra_key: Any = None, cache_salt: Any = None) -> HoleTree:
-        """The tree of one namespace: requests with another extra key or cache salt never share KV."""
-        ns = (extra_key, cache_salt)
-        tree = self._trees.get(ns)
-        if tree is None:
-            tree = HoleTree(page_size=self.page_size, policy=self.policy)
-            self._trees[ns] = tree
-            self._tree_of_root[id(tree.root)] = tree
-        return tree
+        """The tree of one namespace (created on first use): another extra key or cache salt never shares KV."""
+        return self.namespaces.get((extra_key, cache_salt))
 
-    def tree_of(self, node: Node) -> HoleTree:
-        while node.parent is not None:
-            node = node.parent
-        return self._tree_of_root[id(node)]
+    def _tracked(self, node: Node) -> Any:
+        """``namespaces.tracked`` for the tree holding ``node`` (a dropped tree's root: nothing to track)."""
+        tree = self.namespaces.tree_of(node)
+        return self.namespaces.tracked(tree) if tree is not None else contextlib.nullcontext()
 
     @staticmethod
     def _tokens(key: Any) -> list[int]:
@@ -115,8 +111,7 @@ class HoleRadixCache(BasePrefixCache):
     # ------------------------------------------------------------------ BasePrefixCache
 
     def reset(self) -> None:
-        self._trees: dict[tuple[Any, Any], HoleTree] = {}
-        self._tree_of_root: dict[int, HoleTree] = {}
+        self.namespaces = Namespaces(self.page_size, self.policy)
         # inc_lock_ref's handles per node: dec_lock_ref releases one of these, never a forged one.
         self._ref_locks: dict[int, list[TreeHandle]] = {}
         self.root_node = self._tree().root
@@ -131,39 +126,39 @@ class HoleRadixCache(BasePrefixCache):
         key = params.key
         if self.disable or len(key) == 0:
             return MatchResult(0, self.root_node, self.root_node, self.root_node)
-        tree = self._tree(getattr(key, "extra_key", None), getattr(key, "cache_salt", None))
+        tree = self.namespaces.find((getattr(key, "extra_key", None), getattr(key, "cache_salt", None)))
         rec = holes_of(params.req) if params.req is not None else None
         if rec is not None:
-            rec.match, rec.fallback = None, False  # a waiting request is matched every round
-            if self.chunks is not None and rec.chunk_hints is not None:
-                # Chunk mode never reads the exact tree (and never writes it: see checkpoint).
-                return MatchResult(0, tree.root, tree.root, tree.root)
+            rec.fill, rec.fallback = None, False  # a waiting request is matched every round
+        if tree is None or (rec is not None and self.chunks is not None and rec.chunk_hints is not None):
+            # Nothing cached in this namespace (its tree is made by the first checkpoint); chunk mode
+            # never reads the exact tree (and never writes it: see checkpoint).
+            return MatchResult(0, self.root_node, self.root_node, self.root_node)
         result = tree.match(self._tokens(key))
         beyond = 0 if self.prefix_only else result.reused_tokens - result.cached_prefix_len
-        if beyond > 0 and rec is not None and not self._room_for_holes(
-                len(key) + 1 - result.cached_prefix_len, result.reused_tokens):
-            # Admission still budgets (and allocates) every token after the prefix; if pinning the
-            # spans after the hole would leave too little room, take the stock path instead.
-            # Counted when the request is scheduled.
-            rec.fallback = True
-            beyond = 0
-        if beyond > 0 and rec is not None:
-            # KV beyond a hole: SGLang admits the leading run; the prepare_for_extend
-            # hook (patches/schedule_batch.py) reuses the rest. The admission lock on the
-            # deepest cached node pins every reused span.
-            rec.match = HoleMatch(result.cached_prefix_len, tuple(result.segments))
-            node = result.handle.node
-        else:
+        if beyond <= 0 or rec is None:
             node = result.prefix_node
-        return MatchResult(result.cached_prefix_len, node, node, node)
-
-    def _room_for_holes(self, alloc: int, pinned: int) -> bool:
-        """Can ``alloc`` new slots still be found once ``pinned`` cached tokens are locked?"""
-        room = self.token_to_kv_pool_allocator.available_size() + self.evictable_size() - pinned
-        return room >= alloc
+            return MatchResult(result.cached_prefix_len, node, node, node)
+        if not self.hole_extend or _stock_only(params.req) is not None:
+            rec.fallback = True  # counted when the request is scheduled
+            node = result.prefix_node
+            return MatchResult(result.cached_prefix_len, node, node, node)
+        # KV beyond a hole. SGLang is shown every reused token as the prefix (virtual order,
+        # HoleFill): it admits, chunks and allocates only the missing tokens, and its admission
+        # lock on the deepest cached node pins every reused span. The tree owns row [0, P0) only.
+        node = result.handle.node
+        rec.fill = HoleFill(result.cached_prefix_len, result.reused_tokens, tuple(result.segments), node)
+        return MatchResult(result.reused_tokens, node, node, node, cache_protected_len=result.cached_prefix_len)
 
     def prefix_device_indices(self, req: Any) -> torch.Tensor:
-        """Slots of the leading cached run ``[0, req.prefix_len)`` (the path may hold holes after it)."""
+        """Slots of the prefix SGLang admitted: the leading cached run, or, for a hole request,
+        every reused span in position order (its row is rewritten in position order right after)."""
+        fill = holes_of(req).fill
+        if fill is not None:
+            parts = [g.slots for g in fill.segments if g.slots is not None]
+            out = torch.cat(parts).to(self.device)
+            assert out.numel() == req.prefix_len == fill.reused, (out.numel(), req.prefix_len, fill.reused)
+            return out
         parts, total = [], 0
         for n in self._path(req.last_node):
             if total >= req.prefix_len or n.slots is None:
@@ -182,6 +177,7 @@ class HoleRadixCache(BasePrefixCache):
         super().free_kv_row(kv, ranges)
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
+        holes_of(req).fill = None
         if self.chunks is not None:
             self.chunks.release(req)
         if req.kv.req_pool_idx is not None:
@@ -217,11 +213,17 @@ class HoleRadixCache(BasePrefixCache):
                 self.borrowed.setdefault(kv.req_pool_idx, []).extend(owned)
                 self.borrowed[kv.req_pool_idx].sort()
             return
+        fill = holes_of(req).fill
+        if fill is not None and fill.missing is not None and fill.computed < fill.missing.numel():
+            # Mid-fill (chunked prefill over holes): everything before the first position not yet
+            # computed is present; the rest waits for later chunks.
+            up_to = int(fill.missing[fill.computed])
         tokens = list(req.full_untruncated_fill_ids[:up_to])
         key_len = len(tokens) - len(tokens) % self.page_size
         tree = self._tree(req.extra_key, req.cache_salt)
         values = row[:key_len].to(torch.int64).cpu()
-        result = tree.insert(tokens[:key_len], values)
+        with self.namespaces.tracked(tree):
+            result = tree.insert(tokens[:key_len], values)
         if result.rejected_slots.numel():
             # Duplicates of KV the tree already holds; the row is repointed below.
             self.token_to_kv_pool_allocator.free(result.rejected_slots.to(row.device, dtype=row.dtype))
@@ -230,13 +232,21 @@ class HoleRadixCache(BasePrefixCache):
         start = kv.cache_protected_len
         self.req_to_token_pool.write((kv.req_pool_idx, slice(start, key_len)), path[start:].to(row.dtype))
         kv.cache_protected_len = key_len
+        if fill is not None:
+            if fill.row is not None:
+                fill.row[:key_len] = path.to(fill.row.device, fill.row.dtype)
+            if fill.missing is None or fill.computed < fill.missing.numel():
+                if key_len <= fill.node.end:
+                    return  # the admission lock on the deeper node still pins every reused span
+            else:
+                holes_of(req).fill = None  # the whole prompt is in the tree
         self.unlock(req.lock)
         req.lock = self.lock(result.handle.node)
         req.last_node = result.handle.node
 
     def _holders(self) -> list[Any]:
         """Everything that owns slots: each namespace's tree, and the chunk store."""
-        out: list[Any] = list(self._trees.values())
+        out: list[Any] = self.namespaces.trees()
         if self.chunks is not None:
             out.append(self.chunks.store)
         return out
@@ -251,7 +261,8 @@ class HoleRadixCache(BasePrefixCache):
                 break
             n = min(want - freed, tree.evictable_size)
             if n > 0:
-                slots = tree.evict(n)
+                with self.namespaces.tracked(tree) if tree is not self._store() else contextlib.nullcontext():
+                    slots = tree.evict(n)
                 self.token_to_kv_pool_allocator.free(slots.to(self.device))
                 freed += slots.numel()
                 if self.chunks is not None and tree is self.chunks.store:
@@ -260,16 +271,23 @@ class HoleRadixCache(BasePrefixCache):
 
     def lock(self, node: Any) -> TreeLock | None:
         handle = TreeHandle(node)
-        self.tree_of(node).lock(handle)
+        with self._tracked(node) as tree:
+            if tree is not None:
+                tree.lock(handle)
         return TreeLock(node, handle)  # the receipt is our handle
 
     def unlock(self, lock: TreeLock | None) -> None:
-        if lock is not None:
-            self.tree_of(lock.node).unlock(lock.receipt)
+        if lock is None:
+            return
+        with self._tracked(lock.node) as tree:
+            if tree is not None:
+                tree.unlock(lock.receipt)
 
     def inc_lock_ref(self, node: Any) -> IncLockRefResult:
         handle = TreeHandle(node)
-        self.tree_of(node).lock(handle)
+        with self._tracked(node) as tree:
+            if tree is not None:
+                tree.lock(handle)
         self._ref_locks.setdefault(id(node), []).append(handle)
         return IncLockRefResult(delta=0)
 
@@ -281,7 +299,9 @@ class HoleRadixCache(BasePrefixCache):
         handle = handles.pop()
         if not handles:
             del self._ref_locks[id(node)]
-        self.tree_of(node).unlock(handle)
+        with self._tracked(node) as tree:
+            if tree is not None:
+                tree.unlock(handle)
         return DecLockRefResult(delta=0)
 
     def evict_span(self, input_ids: list[int], start: int, end: int, extra_key: Any = None,
@@ -293,42 +313,50 @@ class HoleRadixCache(BasePrefixCache):
         """
         if not isinstance(start, int) or not isinstance(end, int):
             raise ValueError("start and end must be integers")
-        tree = self._trees.get((extra_key, cache_salt))
+        tree = self.namespaces.find((extra_key, cache_salt))
         if tree is None:
             raise ValueError("this prompt is not in the cache")
-        freed = tree.evict_span(list(input_ids), start, end)
+        with self.namespaces.tracked(tree):
+            freed = tree.evict_span(list(input_ids), start, end)
         if freed.numel():
             self.token_to_kv_pool_allocator.free(freed.to(self.device))
         return int(freed.numel())
 
+    def _store(self) -> Any:
+        return self.chunks.store if self.chunks is not None else None
+
     def evictable_size(self) -> int:
-        return sum(t.evictable_size for t in self._holders())
+        """Running totals (``Namespaces``) plus the chunk store: O(1) however many namespaces."""
+        store = self._store()
+        return self.namespaces.evictable_size + (store.evictable_size if store is not None else 0)
 
     def full_evictable_size(self) -> int:
         return self.evictable_size()
 
     def protected_size(self) -> int:
-        return sum(t.protected_size for t in self._holders())
+        store = self._store()
+        return self.namespaces.protected_size + (store.protected_size if store is not None else 0)
 
     def full_protected_size(self) -> int:
         return self.protected_size()
 
     def total_size(self) -> int:
-        return sum(t.total_size for t in self._holders())
+        return self.evictable_size() + self.protected_size()
 
     def all_values_flatten(self) -> torch.Tensor:
         parts = [t.owned_slots() for t in self._holders()]
         return torch.cat(parts) if parts else self._empty
 
     def pretty_print(self) -> None:
-        for ns, tree in self._trees.items():
+        for ns, tree in self.namespaces.items():
             print(f"namespace {ns}: {len(tree.nodes())} nodes, {tree.total_size} tokens "
                   f"({tree.evictable_size} evictable, {tree.protected_size} locked)")
 
     def check_integrity(self) -> None:
         """Every tree's and the chunk store's integrity, and no slot owned twice."""
-        for holder in self._holders():
-            holder.check_integrity()
+        self.namespaces.check_integrity()
+        if self.chunks is not None:
+            self.chunks.store.check_integrity()
         owned = self.all_values_flatten()
         assert owned.unique().numel() == owned.numel(), "a slot is owned by two namespaces (or tree and store)"
 
@@ -346,3 +374,15 @@ def _subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> li
         if a < b:
             out.append((a, b))
     return out
+
+
+def _stock_only(req: Any) -> str | None:
+    """Why a request with KV beyond a hole must take SGLang's stock path (None: it can fill holes)."""
+    if req.multimodal_inputs is not None or req.input_embeds is not None:
+        return "multimodal"
+    if getattr(req, "positional_embed_overrides", None) is not None:
+        return "positional overrides"
+    if req.return_logprob and req.logprob_start_len not in (-1, None) \
+            and req.logprob_start_len < len(req.origin_input_ids):
+        return "input logprobs"
+    return None

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from sglang_holes.cache.node import Segment
 from sglang_holes.chunks.hints import ChunkHints
 from sglang_holes.chunks.state import ChunkState
@@ -17,23 +19,44 @@ from sglang_holes.patches.kv_hints import find_chunk_hints
 ATTR = "holes"
 
 
-@dataclass(frozen=True)
-class HoleMatch:
-    """What ``match_prefix`` found beyond a hole: the admitted prefix ``P0`` and every segment."""
+@dataclass
+class HoleFill:
+    """A hole request from its match to the end of its prefill (possibly several chunks).
+
+    SGLang is shown ``reused`` (R, every cached token of the match) as the request's prefix,
+    so admission, chunking and allocation count only the missing tokens; see
+    ``sglang_holes.cache.extend_plan.HoleChunk`` for the virtual order this implies.
+
+    prefix_len: P0, the leading cached run (the tree owns row ``[0, P0)``: SGLang's
+        ``cache_protected_len``). node: the deepest cached node, locked by admission (pins
+        every reused span until the fill's last checkpoint). missing / row: set by the first
+        extend: the missing positions, and the request's row in real position order (reused
+        and computed slots; 0, a padding slot, where nothing is computed yet), on the row's device.
+    """
 
     prefix_len: int
+    reused: int
     segments: tuple[Segment, ...]
+    node: Any
+    missing: torch.Tensor | None = None
+    row: torch.Tensor | None = None
+    computed: int = 0
+
+    @property
+    def virtual_prefix(self) -> int:
+        """The prefix SGLang tracks for this request: reused plus computed tokens."""
+        return self.reused + self.computed
 
 
 @dataclass
 class RequestHoles:
-    """match: set by ``match_prefix`` when KV exists beyond a hole, taken by the extend hook.
-    fallback: set by ``match_prefix`` when pinning that KV would leave too little room
-    (counted once, when the request is scheduled). chunk: chunk-mode state (admission to
-    release). ``chunk_hints`` is parsed once from ``req.kv_hints``."""
+    """fill: set by ``match_prefix`` when KV exists beyond a hole; cleared when the prefill is
+    complete or the request is released. fallback: set by ``match_prefix`` when a request with
+    KV beyond a hole cannot take the hole path (counted once, when it is scheduled). chunk:
+    chunk-mode state (admission to release). ``chunk_hints`` is parsed once from ``req.kv_hints``."""
 
     chunk_hints: ChunkHints | None
-    match: HoleMatch | None = None
+    fill: HoleFill | None = None
     fallback: bool = False
     chunk: ChunkState | None = None
 

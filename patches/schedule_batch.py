@@ -31,24 +31,12 @@ from typing import Any
 
 import torch
 
-from sglang_holes.cache.extend_plan import ExtendPlan, plan_hole_extend
+from sglang_holes.attention.plan import spans_from_positions
+from sglang_holes.cache.extend_plan import ExtendPlan, HoleChunk, missing_positions, plan_hole_chunk
 from sglang_holes.patches.forward_batch import BATCH_ATTR
 from sglang_holes.patches.meta_info import record_chunk_reuse, record_recomputed
 from sglang_holes.patches.radix_cache import HoleRadixCache
 from sglang_holes.patches.request_holes import holes_of
-
-
-def _fallback_reason(req: Any) -> str | None:
-    if req.extend_end != len(req.full_untruncated_fill_ids):
-        return "chunked"
-    if req.multimodal_inputs is not None or req.input_embeds is not None:
-        return "multimodal"
-    if getattr(req, "positional_embed_overrides", None) is not None:
-        return "positional overrides"
-    if req.return_logprob and req.logprob_start_len not in (-1, None) \
-            and req.logprob_start_len < len(req.origin_input_ids):
-        return "input logprobs"
-    return None
 
 
 def _holes_cache(batch: Any) -> HoleRadixCache | None:
@@ -71,11 +59,10 @@ def before_prepare_for_extend(batch: Any, *_: Any, **__: Any) -> None:
         room -= tree.chunks.admit(req, max(room, 0))
 
 
-def _plan_request(tree: HoleRadixCache, req: Any, slots: torch.Tensor) -> ExtendPlan | None:
-    """The request's plan (None: stock extend). Consumes ``req.holes.match`` / ``fallback``."""
+def _plan_request(tree: HoleRadixCache, req: Any, slots: torch.Tensor) -> ExtendPlan | HoleChunk | None:
+    """The request's plan (None: stock extend)."""
     rec = holes_of(req)
-    match, rec.match = rec.match, None
-    if rec.fallback:  # no room to pin its spans (see match_prefix)
+    if rec.fallback:  # KV beyond a hole it cannot use (see match_prefix): count once, when scheduled
         rec.fallback = False
         tree.count("fallbacks")
     if rec.chunk is not None and tree.chunks is not None:
@@ -83,12 +70,20 @@ def _plan_request(tree: HoleRadixCache, req: Any, slots: torch.Tensor) -> Extend
         if plan is None:  # nothing reused: still report the chunk request (committed plans report theirs)
             record_chunk_reuse(req, rec.chunk)
         return plan
-    if match is None:
+    fill = rec.fill
+    if fill is None:
         return None
-    if not tree.hole_extend or _fallback_reason(req) is not None or req.prefix_len != match.prefix_len:
-        tree.count("fallbacks")
+    if fill.computed == 0 and (req.prefix_len != fill.reused or req.last_node is not fill.node):
+        # SGLang replaced the match after match_prefix (SGLANG_RADIX_FORCE_MISS zeroes it): the
+        # reused spans are not locked for this request, so they are not used.
+        rec.fill = None
         return None
-    return plan_hole_extend(match.prefix_len, match.segments, slots)
+    if req.prefix_len != fill.virtual_prefix:  # a later chunk must continue where the last one ended
+        raise RuntimeError(f"request {req.rid}: SGLang resumed a hole fill at {req.prefix_len}, "
+                           f"expected {fill.virtual_prefix}")
+    if fill.missing is None:
+        fill.missing = missing_positions(fill.segments, len(req.full_untruncated_fill_ids))
+    return plan_hole_chunk(fill.missing, fill.computed, int(slots.numel()))
 
 
 def after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> Any:
@@ -99,7 +94,7 @@ def after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> Any
     starts = [0, *itertools.accumulate(batch.extend_lens)]
     slots = [batch.out_cache_loc[a:b] for a, b in itertools.pairwise(starts)]
     plans = [_plan_request(tree, req, s) for req, s in zip(batch.reqs, slots, strict=True)]
-    if not any(plans):
+    if not any(p is not None for p in plans):
         for i, req in enumerate(batch.reqs):
             pre = batch.prefix_lens[i]
             record_recomputed(req, [(pre, pre + batch.extend_lens[i])])
@@ -108,21 +103,25 @@ def after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> Any
     return result
 
 
-def _commit(tree: HoleRadixCache, batch: Any, plans: list[ExtendPlan | None], starts: list[int]) -> None:
+def _commit(tree: HoleRadixCache, batch: Any, plans: list[ExtendPlan | HoleChunk | None], starts: list[int]) -> None:
     """Apply the plans to the batch (the one step that mutates it)."""
     ids_cpu, out = batch.prefill_input_ids_cpu, batch.out_cache_loc
-    row_table = batch.req_to_token_pool.req_to_token
     new_ids, new_out, positions, surplus = [], [], [], []
     for i, (req, plan) in enumerate(zip(batch.reqs, plans, strict=True)):
         ids_i, out_i = ids_cpu[starts[i] : starts[i + 1]], out[starts[i] : starts[i + 1]]
         pre, ext = batch.prefix_lens[i], batch.extend_lens[i]
+        if isinstance(plan, HoleChunk):
+            new_ids.append(_commit_hole_chunk(tree, batch, req, plan, out_i))
+            new_out.append(out_i)
+            positions.append(plan.positions)
+            continue
         if plan is None:
             new_ids.append(ids_i)
             new_out.append(out_i)
             positions.append(torch.arange(pre, pre + ext, dtype=torch.int64))
             record_recomputed(req, [(pre, pre + ext)])
             continue
-        row = row_table[req.kv.req_pool_idx]
+        row = batch.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
         for w in plan.row_writes:
             row[w.start : w.end] = w.slots.to(row.device, row.dtype)
         new_ids.append(ids_i[plan.keep])
@@ -136,9 +135,9 @@ def _commit(tree: HoleRadixCache, batch: Any, plans: list[ExtendPlan | None], st
         req.cached_tokens += plan.reused - pre
         tree.borrowed[req.kv.req_pool_idx] = list(plan.borrowed)
         record_recomputed(req, plan.missing)
-        _count(tree, req, plan)
-    freed = torch.cat(surplus)
-    if freed.numel():
+        _count_chunk_request(tree, req, plan)
+    freed = torch.cat(surplus) if surplus else None
+    if freed is not None and freed.numel():
         tree.token_to_kv_pool_allocator.free(freed)
     batch.prefill_input_ids_cpu = torch.cat(new_ids)
     batch.out_cache_loc = torch.cat(new_out)
@@ -146,14 +145,44 @@ def _commit(tree: HoleRadixCache, batch: Any, plans: list[ExtendPlan | None], st
     setattr(batch, BATCH_ATTR, torch.cat(positions))
 
 
-def _count(tree: HoleRadixCache, req: Any, plan: ExtendPlan) -> None:
-    if plan.kind == "chunk":
-        tree.chunks.commit(req, plan)
-        record_chunk_reuse(req, holes_of(req).chunk)
-        tree.count("chunk_requests")
-        tree.count("chunk_reused_tokens", plan.reused)
-        return
-    tree.count("hole_requests")
-    tree.count("hole_spans_filled", plan.holes_filled)
-    tree.count("reused_tokens", plan.reused)
-    tree.count("recomputed_tokens", plan.recomputed)
+def _commit_hole_chunk(tree: HoleRadixCache, batch: Any, req: Any, chunk: HoleChunk, slots: torch.Tensor
+                       ) -> torch.Tensor:
+    """One extend of a hole request: its slots go to their real positions and the row is rewritten
+    in position order (SGLang wrote it in virtual order). Returns the extend's token ids."""
+    fill = holes_of(req).fill
+    row = batch.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
+    n = len(req.full_untruncated_fill_ids)
+    if fill.row is None:  # first extend: the reused spans, in place
+        fill.row = torch.zeros(n, dtype=row.dtype, device=row.device)  # 0: SGLang's padding slot
+        for g in fill.segments:
+            if g.slots is not None:
+                fill.row[g.start : g.end] = g.slots.to(row.device, row.dtype)
+    fill.row[chunk.positions.to(row.device)] = slots.to(row.dtype)
+    row[:n] = fill.row
+    fill.computed += int(chunk.positions.numel())
+    reused_beyond = [(g.start, g.end) for g in fill.segments if g.slots is not None and g.end > fill.prefix_len]
+    # Never freed with the request's row: the tree's reused spans, and positions not computed yet.
+    tree.borrowed[req.kv.req_pool_idx] = sorted(reused_beyond + list(chunk.uncomputed))
+    record_recomputed(req, list(chunk.spans), continued=not chunk.first)
+    if chunk.first:
+        tree.count("hole_requests")
+        tree.count("reused_tokens", fill.reused)
+    tree.count("recomputed_tokens", int(chunk.positions.numel()))
+    if chunk.last:
+        tree.count("hole_spans_filled", sum(1 for _, e in spans_from_positions(fill.missing.tolist()) if e < n))
+    return _token_ids(req)[chunk.positions]
+
+
+def _token_ids(req: Any) -> torch.Tensor:
+    ids = req.full_untruncated_fill_ids
+    try:
+        return torch.frombuffer(ids, dtype=torch.int64)
+    except (TypeError, ValueError):
+        return torch.tensor(list(ids), dtype=torch.int64)
+
+
+def _count_chunk_request(tree: HoleRadixCache, req: Any, plan: ExtendPlan) -> None:
+    tree.chunks.commit(req, plan)
+    record_chunk_reuse(req, holes_of(req).chunk)
+    tree.count("chunk_requests")
+    tree.count("chunk_reused_tokens", plan.reused)

@@ -43,15 +43,24 @@ def around_rpc(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwarg
         return RpcReqOutput(success=False, message=str(e))
 
 
-def evict_span_params(input_ids: Any, start: Any, end: Any) -> dict[str, Any]:
-    """Validate the request shape on the caller's side (the scheduler checks the span itself)."""
+def evict_span_params(input_ids: Any, start: Any, end: Any, extra_key: Any = None,
+                      cache_salt: Any = None) -> dict[str, Any]:
+    """Validate the request shape on the caller's side (the scheduler checks the span itself).
+
+    ``extra_key`` / ``cache_salt``: the namespace the prompt was cached under (as given to
+    ``/generate``; None for the default namespace).
+    """
     if not isinstance(input_ids, list | tuple) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                           for t in input_ids):
         raise ValueError("input_ids must be a list of token ids (integers)")
     for name, value in (("start", start), ("end", end)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{name} must be an integer, got {value!r}")
-    return {"input_ids": [int(t) for t in input_ids], "start": start, "end": end}
+    for name, value in (("extra_key", extra_key), ("cache_salt", cache_salt)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+    return {"input_ids": [int(t) for t in input_ids], "start": start, "end": end,
+            "extra_key": extra_key, "cache_salt": cache_salt or None}
 
 
 def call_evict_span(sock: Any, params: dict[str, Any], timeout_s: float = 60.0) -> int:

@@ -58,6 +58,29 @@ DEFAULTS: tuple[Default, ...] = (
 _DECIDING = ("device", "radix_cache_backend", "cuda_graph_backend_prefill")
 
 
+# Settings a ``holes`` server refuses at start (field, value that is refused, why).
+REFUSED: tuple[tuple[str, Any, str], ...] = (
+    ("enable_mixed_chunk", True, "decode rows mixed into a hole extend batch would run at the wrong "
+     "positions; serve without --enable-mixed-chunk"),
+)
+
+
+def refusal(settings: Mapping[str, Any] | Any) -> str | None:
+    """Why a server with these settings (``Engine`` keyword arguments, or a ``ServerArgs``) cannot run
+    the ``holes`` cache, or None."""
+    def get(field: str, default: Any = None) -> Any:
+        if isinstance(settings, Mapping):
+            return settings.get(field, default)
+        return getattr(settings, field, default)
+
+    if get("radix_cache_backend", BACKEND_NAME) != BACKEND_NAME:
+        return None
+    for field, value, why in REFUSED:
+        if get(field) == value:
+            return f"the holes radix cache does not support --{field.replace('_', '-')}: {why}"
+    return None
+
+
 def has_cuda() -> bool:
     import torch
 

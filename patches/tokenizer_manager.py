@@ -19,6 +19,18 @@ from sglang_holes.patches.hooks import BACKEND_NAME
 from sglang_holes.patches.kv_hints import find_chunk_hints
 
 
+def before_normalize_kv_hints(obj: Any, num: Any, *args: Any, **kwargs: Any) -> None:
+    """A single chunk envelope on a batch would be applied to every prompt, but its offsets belong to
+    one prompt: refused (``ValueError``, HTTP 400); a list of envelopes, one per prompt, is fine."""
+    hints = getattr(obj, "kv_hints", None)
+    if isinstance(hints, list) or getattr(obj, "batch_size", 1) <= 1:
+        return None
+    if find_chunk_hints(hints) is not None:
+        raise ValueError("a sglang_holes.chunks kv_hints envelope describes one prompt: for a batch, pass a "
+                         "list with one envelope per prompt (None for prompts without chunks)")
+    return None
+
+
 def after_validate(result: Any, manager: Any, obj: Any, input_ids: Any, *_: Any, **__: Any) -> Any:
     hints = find_chunk_hints(getattr(obj, "kv_hints", None))
     if hints is None:

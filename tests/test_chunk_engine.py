@@ -157,6 +157,9 @@ BAD_HINTS = [
     (_envelope({"chunks": [[0, 5]]}, n_actions=2), "one request takes one"),
     (_envelope({"chunks": [[0, 5]], "k": -3}), "k must be"),
     ({"protocol_version": "1"}, "Malformed kv_hints"),
+    ({**_envelope({"chunks": [[0, 5]]}), "protocol_version": "99"}, "protocol_version '99' is not supported"),
+    (_envelope({"chunks": [[0, 5]], "policy": "deviation", "ratio": True}), "ratio must be"),
+    (_envelope({"chunks": [[0, 5]], "k": True}), "k must be"),
 ]
 
 
@@ -166,6 +169,16 @@ def test_malformed_hints_are_refused(chunk_engine, tokenizer, hints, message):
     with pytest.raises(ValueError, match=message):
         chunk_engine.generate(input_ids=ids, sampling_params=SAMPLING, kv_hints=hints)
     assert chunk_engine.generate(input_ids=ids, sampling_params=SAMPLING)["meta_info"]["completion_tokens"] == 4
+
+
+def test_one_chunk_envelope_on_a_batch_is_refused(chunk_engine, tokenizer):
+    """Chunk offsets belong to one prompt: a batch takes a list of envelopes, one per prompt."""
+    a, b = _docs(tokenizer, 9, 2)
+    hints = _envelope({"chunks": [[0, 5]]})
+    with pytest.raises(ValueError, match="one envelope per prompt"):
+        chunk_engine.generate(input_ids=[a, b], sampling_params=SAMPLING, kv_hints=hints)
+    out = chunk_engine.generate(input_ids=[a, b], sampling_params=SAMPLING, kv_hints=[hints, None])
+    assert out[0]["meta_info"]["chunk_reuse"]["chunks"] == 1 and "chunk_reuse" not in out[1]["meta_info"]
 
 
 def test_engine_api_rejects_mixed_arguments(chunk_engine):

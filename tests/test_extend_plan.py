@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_holes.cache.extend_plan import RowWrite, plan_extend, plan_hole_extend
+from sglang_holes.cache.extend_plan import RowWrite, missing_positions, plan_extend, plan_hole_chunk
 from sglang_holes.cache.node import Segment
 from sglang_holes.chunks.hints import ChunkHints, recompute_mask
 from sglang_holes.chunks.placement import borrowed_writes, plan_chunk_placement
@@ -14,34 +14,45 @@ from sglang_holes.chunks.store import ChunkStore
 T = torch.tensor
 
 
-def test_hole_request_reuses_every_segment_beyond_the_prefix():
+def test_missing_positions_and_one_extend_for_the_whole_request():
     # Prompt of 12 tokens; the tree matched 11 (SGLang matches all but the last):
-    # cached [0, 3), hole [3, 5), cached [5, 9), hole [9, 11); P0 = 3.
+    # cached [0, 3), hole [3, 5), cached [5, 9), hole [9, 11).
     segs = [Segment(0, 3, T([100, 101, 102])), Segment(3, 5, None), Segment(5, 9, T([105, 106, 107, 108])),
             Segment(9, 11, None)]
-    allocated = torch.arange(500, 509)  # positions 3..11
-    plan = plan_hole_extend(3, segs, allocated)
-    assert plan.kind == "hole" and plan.seq_len == 12
-    assert plan.positions.tolist() == [3, 4, 9, 10, 11]
-    assert plan.missing == [(3, 5), (9, 12)] and plan.holes_filled == 1
-    assert (plan.recomputed, plan.reused) == (5, 7)
-    assert plan.borrowed == ((5, 9),)
-    assert [(w.start, w.end, w.slots.tolist()) for w in plan.row_writes] == [(5, 9, [105, 106, 107, 108])]
-    assert plan.surplus.tolist() == [502, 503, 504, 505]  # allocated for 5..8, not used
-    assert plan.keep.tolist() == [True, True, False, False, False, False, True, True, True]
-    assert allocated.tolist() == list(range(500, 509))  # inputs untouched
+    missing = missing_positions(segs, 12)
+    assert missing.tolist() == [3, 4, 9, 10, 11]
+    chunk = plan_hole_chunk(missing, 0, 5)
+    assert chunk.first and chunk.last and chunk.positions.tolist() == [3, 4, 9, 10, 11]
+    assert chunk.spans == ((3, 5), (9, 12)) and chunk.uncomputed == ()
 
 
-def test_hole_at_position_zero_and_no_hole():
-    plan = plan_hole_extend(0, [Segment(0, 2, None), Segment(2, 6, T([2, 3, 4, 5]))], torch.arange(10, 17))
-    assert plan.missing == [(0, 2), (6, 7)] and plan.reused == 4
-    plain = plan_hole_extend(4, [Segment(0, 4, T([0, 1, 2, 3]))], torch.arange(20, 23))
-    assert plain.positions.tolist() == [4, 5, 6] and plain.borrowed == () and plain.surplus.numel() == 0
+def test_chunked_prefill_over_holes_takes_missing_tokens_in_position_order():
+    segs = [Segment(0, 2, None), Segment(2, 6, T([2, 3, 4, 5])), Segment(6, 9, None), Segment(9, 12, T([9, 10, 11]))]
+    missing = missing_positions(segs, 14)
+    assert missing.tolist() == [0, 1, 6, 7, 8, 12, 13]
+    chunks, done = [], 0
+    for size in (3, 3, 1):  # SGLang's chunk budget of 3 tokens
+        chunks.append(plan_hole_chunk(missing, done, size))
+        done += size
+    assert [c.positions.tolist() for c in chunks] == [[0, 1, 6], [7, 8, 12], [13]]
+    assert [c.uncomputed for c in chunks] == [((7, 9), (12, 14)), ((13, 14),), ()]
+    assert [(c.first, c.last) for c in chunks] == [(True, False), (False, False), (False, True)]
+    # Every query of a chunk sits after everything before it is present: reused or computed earlier.
+    for c in chunks:
+        before = set(missing[: c.computed_before].tolist())
+        for p in c.positions.tolist():
+            assert all(q in before or q in c.positions.tolist() or q not in missing.tolist() for q in range(p))
+
+
+def test_hole_chunk_bounds():
+    missing = torch.arange(4)
+    with pytest.raises(ValueError, match="an extend of 5"):
+        plan_hole_chunk(missing, 0, 5)
+    with pytest.raises(ValueError):
+        plan_hole_chunk(missing, 4, 1)
 
 
 def test_bad_plans_are_refused():
-    with pytest.raises(ValueError, match="straddles"):
-        plan_hole_extend(2, [Segment(0, 4, T([0, 1, 2, 3]))], torch.arange(4))
     keep = torch.tensor([True, False, True])
     with pytest.raises(ValueError, match="covers a recomputed position"):
         plan_extend("hole", 0, keep, torch.arange(3), [RowWrite(0, 2, T([8, 9]))])

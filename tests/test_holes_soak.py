@@ -163,32 +163,88 @@ def test_uncovered_features_take_the_stock_path_and_are_counted(tiny_engines):
     _check_pool(holes)
 
 
-@pytest.fixture(scope="module")
-def chunked(engines, tiny_llama: Path) -> object:
-    """The tiny model with SGLang's chunked prefill at 128 tokens."""
+CHUNKED_POOL = 4000
+
+
+@pytest.fixture(scope="module", params=[64, 256], ids=lambda c: f"chunk{c}")
+def chunked(request, engines, tiny_llama: Path) -> object:
+    """The tiny model with SGLang's chunked prefill at 64 and at 256 tokens."""
     return engines.start(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
-                         radix_cache_backend="holes", max_total_tokens=2000, chunked_prefill_size=128)
+                         radix_cache_backend="holes", max_total_tokens=CHUNKED_POOL,
+                         chunked_prefill_size=request.param)
 
 
-def test_chunked_prefill_with_holes_takes_the_stock_path(chunked, tiny_engines):
-    """SGLang chunks a long request (by the tokens after its leading cached run); with holes it
-    then takes the stock path, counted, with cold-run output and every slot accounted for."""
+def _holes(n: int, k: int, rng: random.Random) -> list[tuple[int, int]]:
+    """``k`` disjoint spans of ``[0, n - 1)``: the first at position 0, the last ending at ``n - 1``
+    (the prompt's last token is never cached), the others spread between."""
+    if k == 1:
+        return [(n // 3, n // 3 + 40)]
+    cuts = sorted(rng.sample(range(20, n - 60, 1), k - 2))
+    spans = [(0, 7)] + [(c, c + rng.randint(1, 30)) for c in cuts] + [(n - 40, n - 1)]
+    out: list[tuple[int, int]] = []
+    for s0, e0 in spans:  # merge overlaps
+        if out and s0 <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e0))
+        else:
+            out.append((s0, e0))
+    return out
+
+
+@pytest.mark.parametrize("n, k", [(1200, 1), (2000, 4), (3000, 16)])
+def test_chunked_prefill_over_holes_recomputes_only_the_holes(chunked, tiny_engines, n, k):
+    """SGLang chunks the MISSING tokens (holes + tail), in position order, into pieces of at most
+    its chunk budget; each piece attends to reused spans and earlier pieces. Output equals a cold
+    run; exactly the holes and the tail are recomputed; no fallback; every slot accounted for."""
     _, cold = tiny_engines
-    rng = random.Random(11)
-    ids = [rng.randrange(3, 2000) for _ in range(420)]
+    rng = random.Random(n + k)
+    ids = [rng.randrange(3, 2000) for _ in range(n)]
+    assert chunked.flush_cache().success
     chunked.generate(input_ids=ids, sampling_params=SAMPLING)
-    chunked.evict_span(ids, 50, 80)
+    holes = _holes(n, k, rng)
+    for s0, e0 in holes:
+        chunked.evict_span(ids, s0, e0)
     before = _cache(chunked)["stats"]
-    got = chunked.generate(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
-    _compare(got, cold.generate(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5),
-             "chunked")
+    kw = dict(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
+    got = chunked.generate(**kw)
+    _compare(got, cold.generate(**kw), (n, k))
+    expected = [list(h) for h in holes]
+    if expected[-1][1] == n - 1:
+        expected[-1][1] = n  # the last hole runs into the (always recomputed) last token
+    else:
+        expected.append([n - 1, n])
+    meta = got["meta_info"]
+    assert meta["hole_spans"] == expected
+    assert meta["recomputed_tokens"] == sum(e0 - s0 for s0, e0 in expected)
     after = _cache(chunked)["stats"]
-    assert after["fallbacks"] > before["fallbacks"] and after["hole_requests"] == before["hole_requests"]
-    assert got["meta_info"]["hole_spans"] == [[50, 420]]  # chunks continue one span
+    assert after["fallbacks"] == before["fallbacks"]
+    assert after["hole_requests"] == before["hole_requests"] + 1
+    assert after["recomputed_tokens"] - before["recomputed_tokens"] == meta["recomputed_tokens"]
+    assert after["reused_tokens"] - before["reused_tokens"] == meta["cached_tokens"]
     _check_pool(chunked)
     assert chunked.flush_cache().success
+    assert _check_pool(chunked)["available"] == CHUNKED_POOL
+
+
+def test_admission_counts_only_the_recomputed_tokens(chunked, tiny_engines):
+    """A pool where ``n - P0`` (what stock admission would budget) does not fit next to the cached
+    prompt, but the holes do: the request runs as a hole request, exact."""
+    _, cold = tiny_engines
+    rng = random.Random(3)
+    n = CHUNKED_POOL - 400
+    ids = [rng.randrange(3, 2000) for _ in range(n)]
+    assert chunked.flush_cache().success
+    chunked.generate(input_ids=ids, sampling_params=SAMPLING)
+    chunked.evict_span(ids, 10, 30)
     c = _check_pool(chunked)
-    assert c["available"] == c["pool_size"]
+    assert n - 10 > c["available"] + c["evictable"] - (n - 20)  # stock budget vs what is left once pinned
+    before = c["stats"]
+    kw = dict(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
+    got = chunked.generate(**kw)
+    _compare(got, cold.generate(**kw), "admission")
+    assert got["meta_info"]["hole_spans"] == [[10, 30], [n - 1, n]]
+    after = _cache(chunked)["stats"]
+    assert (after["hole_requests"], after["fallbacks"]) == (before["hole_requests"] + 1, before["fallbacks"])
+    _check_pool(chunked)
 
 
 def _chunk_request(rng: random.Random, docs: list[list[int]]) -> tuple[list[int], dict | None, bool]:
@@ -242,13 +298,13 @@ def test_soak_mixed_chunk_and_exact_requests(tiny_engines):
 
 
 def test_chunk_requests_under_chunked_prefill(chunked, tiny_engines):
-    """A chunk request SGLang prefills in 128-token pieces stores its chunks as the pieces
+    """A chunk request SGLang prefills in pieces (64 or 256 tokens) stores its chunks as the pieces
     complete (locked while it runs); a later request reuses them; nothing leaks."""
     _, cold = tiny_engines
     from sglang_holes.chunks.hints import build_chunked_prompt
 
     rng = random.Random(5)
-    docs = [[rng.randrange(3, 2000) for _ in range(rng.randint(60, 110))] for _ in range(4)]
+    docs = [[rng.randrange(3, 2000) for _ in range(rng.randint(80, 130))] for _ in range(4)]
     q = [rng.randrange(3, 2000) for _ in range(8)]
     assert chunked.flush_cache().success
     first = build_chunked_prompt([*docs, q], lambda text: [], policy="first_k", k=10_000)
@@ -260,7 +316,7 @@ def test_chunk_requests_under_chunked_prefill(chunked, tiny_engines):
     assert c["chunks"]["entries"] == 5
     again = build_chunked_prompt([docs[3], docs[1], docs[0], docs[2], q], lambda text: [], policy="none")
     out = chunked.generate(input_ids=again.input_ids, kv_hints=again.kv_hints, sampling_params=SAMPLING)
-    # longer than one 128-token piece: prefilled in pieces, so no reuse (counted as plain compute)
+    # longer than one piece: prefilled in pieces, so no reuse (counted as plain compute)
     assert out["meta_info"]["chunk_reuse"]["reused_tokens"] == 0
     _check_pool(chunked)
     assert chunked.flush_cache().success

@@ -31,6 +31,17 @@ def test_attributes_we_read(attrs):
     hooks.check_attributes(attrs)
 
 
+@pytest.mark.parametrize("inv", hooks.INVARIANTS, ids=lambda i: i.target.rsplit(".", 1)[-1])
+def test_scheduler_invariants_hole_fills_rely_on(inv):
+    hooks.check_invariant(inv)
+
+
+def test_a_changed_invariant_fails():
+    with pytest.raises(hooks.ContractError, match="relies on"):
+        hooks.check_invariant(hooks.Invariant("sglang.srt.mem_cache.common.checkpoint_kv_cache",
+                                              "req.prefix_len = req.extend_end + 1", "test"))
+
+
 def test_verify_passes_on_the_pinned_sglang():
     hooks.verify()
 

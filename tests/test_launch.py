@@ -67,3 +67,16 @@ def test_another_device_gets_no_cpu_defaults(monkeypatch):
     monkeypatch.setattr(launch, "has_cuda", lambda: False)
     monkeypatch.setattr(launch, "prepare_cpu_environment", lambda: pytest.fail("CPU platform selected"))
     assert launch.apply_cli_defaults(["--device", "xpu"]) == ["--device", "xpu", "--radix-cache-backend", "holes"]
+
+
+def test_mixed_chunk_is_refused_with_the_holes_cache():
+    assert "--enable-mixed-chunk" in launch.refusal({"enable_mixed_chunk": True})
+    assert launch.refusal({"enable_mixed_chunk": True, "radix_cache_backend": "radix"}) is None
+    assert launch.refusal({"enable_mixed_chunk": False}) is None
+
+
+def test_engine_refuses_mixed_chunk_before_starting():
+    import sglang_holes
+
+    with pytest.raises(ValueError, match="--enable-mixed-chunk"):
+        sglang_holes.Engine(enable_mixed_chunk=True)

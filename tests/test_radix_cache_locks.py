@@ -19,7 +19,8 @@ def _cache() -> HoleRadixCache:
 def test_dec_lock_ref_releases_only_what_inc_lock_ref_took():
     cache = _cache()
     tree = cache._tree()
-    node = tree.insert([1, 2, 3, 4], torch.arange(4)).handle.node
+    with cache.namespaces.tracked(tree):
+        node = tree.insert([1, 2, 3, 4], torch.arange(4)).handle.node
     cache.inc_lock_ref(node)
     cache.inc_lock_ref(node)
     assert (node.lock_ref, tree.protected_size) == (2, 4)
@@ -35,7 +36,9 @@ def test_dec_lock_ref_releases_only_what_inc_lock_ref_took():
 def test_dec_lock_ref_cannot_release_a_request_lock():
     """A request's lock (``lock``/``unlock``) is not an inc_lock_ref: dec_lock_ref must not forge one."""
     cache = _cache()
-    node = cache._tree().insert([5, 6], torch.arange(2)).handle.node
+    tree = cache._tree()
+    with cache.namespaces.tracked(tree):
+        node = tree.insert([5, 6], torch.arange(2)).handle.node
     receipt = cache.lock(node)
     with pytest.raises(RuntimeError):
         cache.dec_lock_ref(node)

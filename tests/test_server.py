@@ -158,6 +158,12 @@ def test_serve_refuses_busy_port():
     assert time.time() - t0 < 60  # refused before any model is loaded
 
 
+def test_serve_refuses_mixed_chunk_with_the_holes_cache():
+    r = _run_cli("serve", "--port", "0", "--enable-mixed-chunk")
+    assert r.returncode == 2, r.stderr
+    assert "does not support --enable-mixed-chunk" in r.stderr
+
+
 def test_serve_refuses_missing_model_folder(tmp_path):
     r = _run_cli("serve", "--port", "0", "--model-path", str(tmp_path / "nope"))
     assert r.returncode == 2

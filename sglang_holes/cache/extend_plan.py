@@ -101,21 +101,52 @@ def plan_extend(kind: str, prefix_len: int, keep: torch.Tensor, slots: torch.Ten
                       tuple(row_writes), surplus, logprob_tail)
 
 
-def plan_hole_extend(prefix_len: int, segments: Sequence[Segment], slots: torch.Tensor) -> ExtendPlan:
-    """A hole request: reuse every cached segment beyond the admitted prefix ``P0``, recompute the rest.
+def missing_positions(segments: Sequence[Segment], n: int) -> torch.Tensor:
+    """int64 ascending: the positions of ``[0, n)`` without cached KV (holes and the uncached tail).
 
-    ``segments``: the tree's match (``HoleTree.match``) of a prefix of the prompt (SGLang
-    matches all but the last token); ``slots``: the ``n - P0`` allocated slots. Positions
-    past the segments are recomputed; reused spans are borrowed (the tree keeps owning them).
+    ``segments``: a match (``HoleTree.match``) of a prefix of the prompt (SGLang matches all but
+    the last token); positions past the segments are missing.
     """
-    ext = int(slots.numel())
-    keep = torch.ones(ext, dtype=torch.bool)
-    writes = []
+    cached = torch.zeros(n, dtype=torch.bool)
     for g in segments:
-        if g.slots is None or g.end <= prefix_len:
-            continue
-        if g.start < prefix_len:
-            raise ValueError(f"segment [{g.start}, {g.end}) straddles the admitted prefix {prefix_len}")
-        keep[g.start - prefix_len : g.end - prefix_len] = False
-        writes.append(RowWrite(g.start, g.end, g.slots.to(torch.int64)))
-    return plan_extend("hole", prefix_len, keep, slots, writes)
+        if g.slots is not None:
+            cached[g.start : min(g.end, n)] = True
+    return (~cached).nonzero().flatten()
+
+
+@dataclass(frozen=True)
+class HoleChunk:
+    """One extend of a hole request: the next ``len(positions)`` missing positions, in order.
+
+    SGLang sees a hole request in *virtual order*: its ``R`` reused tokens first (the prefix it
+    admitted), then its ``m`` missing tokens in position order; each extend it schedules (the
+    whole request, or one chunk of a chunked prefill) takes the next missing tokens. Every query
+    of a chunk sees every key at a position <= its own: reused spans, earlier chunks and itself.
+
+    positions: int64 real positions computed by this extend, ascending.
+    computed_before: missing positions computed by earlier extends.
+    uncomputed: missing spans still without KV after this extend (later chunks).
+    """
+
+    positions: torch.Tensor
+    computed_before: int
+    spans: tuple[Span, ...]
+    uncomputed: tuple[Span, ...]
+
+    @property
+    def first(self) -> bool:
+        return self.computed_before == 0
+
+    @property
+    def last(self) -> bool:
+        return not self.uncomputed
+
+
+def plan_hole_chunk(missing: torch.Tensor, computed: int, extend_len: int) -> HoleChunk:
+    """The extend that computes ``missing[computed : computed + extend_len]`` (``ValueError`` past the end)."""
+    if computed < 0 or not 0 < extend_len <= missing.numel() - computed:
+        raise ValueError(f"an extend of {extend_len} tokens after {computed} of {missing.numel()} missing ones")
+    positions = missing[computed : computed + extend_len]
+    rest = missing[computed + extend_len :]
+    return HoleChunk(positions, computed, tuple(spans_from_positions(positions.tolist())),
+                     tuple(spans_from_positions(rest.tolist())))

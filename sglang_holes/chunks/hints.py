@@ -48,7 +48,8 @@ class ChunkHints:
             raise ValueError(f"unknown chunk policy {self.policy!r}; expected one of {POLICIES}")
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 0:
             raise ValueError(f"k must be an integer >= 0, got {self.k!r}")
-        if not (isinstance(self.ratio, int | float) and 0.0 <= float(self.ratio) <= 1.0):
+        number = isinstance(self.ratio, int | float) and not isinstance(self.ratio, bool)
+        if not (number and 0.0 <= float(self.ratio) <= 1.0):
             raise ValueError(f"ratio must be a number in [0, 1], got {self.ratio!r}")
         prev = 0
         for i, (s, e) in enumerate(self.chunks):
