@@ -26,13 +26,22 @@ from sglang.srt.entrypoints.engine import Engine as SGLangEngine
 from sglang_holes.chunks.hints import ChunkedPrompt, build_chunked_prompt
 from sglang_holes.model import resolve_model_path
 from sglang_holes.patches.hooks import verify
-from sglang_holes.patches.scheduler_rpc import CHUNK_KV, call_evict_span, call_rpc, evict_span_params
+from sglang_holes.patches.scheduler_rpc import (
+    CHUNK_KV,
+    RankChannels,
+    call_evict_span,
+    call_rpc,
+    evict_span_params,
+    rank_endpoints,
+)
 from sglang_holes.patches.server_args import apply_engine_defaults, refusal
 from sglang_holes.patches.version import check_sglang_version
 
 
 class Engine(SGLangEngine):
     """``sglang.Engine`` with the sglang-holes defaults (see module docstring)."""
+
+    _holes_ranks: RankChannels | None = None  # data parallelism: one RPC socket per rank, made on first use
 
     def __init__(self, **kwargs: Any) -> None:
         check_sglang_version()
@@ -88,7 +97,13 @@ class Engine(SGLangEngine):
         cache is then unchanged and the engine keeps serving. ``extra_key`` / ``cache_salt``: the
         namespace the prompt was generated under.
         """
-        return call_evict_span(self.send_to_rpc, evict_span_params(input_ids, start, end, extra_key, cache_salt))
+        params = evict_span_params(input_ids, start, end, extra_key, cache_salt)
+        if self.server_args.dp_size <= 1:
+            return call_evict_span(self.send_to_rpc, params)
+        # Data parallelism: every rank has an RPC endpoint of its own (patches/scheduler_rpc.py).
+        if self._holes_ranks is None:
+            self._holes_ranks = RankChannels()
+        return self._holes_ranks.evict_span(rank_endpoints(self.get_server_info()["internal_states"]), params)
 
     def chunk_kv(self, tokens: list[int], layer: int = 0, offset: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -67,6 +67,8 @@ HOOKS: tuple[HookSpec, ...] = (
              "forward_batch:after_init_new", ("cls", "batch")),
     HookSpec("sglang.srt.managers.scheduler.Scheduler.handle_rpc_request", "around",
              "scheduler_rpc:around_rpc", ("self", "recv_req")),
+    HookSpec("sglang.srt.managers.scheduler.Scheduler.init_ipc_channels", "after",
+             "scheduler_rpc:after_init_ipc_channels", ("self", "port_args")),
     HookSpec("sglang.srt.managers.scheduler_components.output_streamer."
              "SchedulerOutputStreamer.is_request_level_customized_info_key", "around",
              "meta_info:around_is_request_level", ("self", "key")),

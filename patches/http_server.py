@@ -16,28 +16,28 @@ RPC endpoint (``PortArgs.rpc_ipc_name``), on a DEALER socket this hook binds, as
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 from fastapi import Request  # module level: FastAPI resolves the (string) annotation here
 from fastapi.responses import ORJSONResponse
 
 from sglang_holes.patches.hooks import BACKEND_NAME
-from sglang_holes.patches.scheduler_rpc import call_evict_span, evict_span_params
+from sglang_holes.patches.scheduler_rpc import RankChannels, evict_span_params, rank_endpoints
 
 ROUTE = "/holes/evict"
 
 
-def add_evict_route(app: Any, rpc_endpoint: str) -> None:
-    import zmq
-    from sglang.srt.utils.network import get_zmq_socket
+def add_evict_route(app: Any, rpc_endpoint: str, tokenizer_manager: Any) -> None:
+    """``POST /holes/evict``: to the one scheduler, or, with data parallelism, to every rank."""
+    ranks = RankChannels()
+    dp = getattr(tokenizer_manager.server_args, "dp_size", 1) > 1
+    if not dp:
+        ranks.bind(rpc_endpoint)
 
-    sock = get_zmq_socket(zmq.Context(1), zmq.DEALER, rpc_endpoint, True)
-    lock = threading.Lock()  # one request in flight on the socket: replies are not tagged
-
-    def call(params: dict[str, Any]) -> int:
-        with lock:
-            return call_evict_span(sock, params)
+    async def endpoints() -> list[str]:
+        if not dp:
+            return [rpc_endpoint]
+        return rank_endpoints(await tokenizer_manager.get_internal_state())
 
     async def evict(request: Request) -> ORJSONResponse:
         try:
@@ -49,7 +49,7 @@ def add_evict_route(app: Any, rpc_endpoint: str) -> None:
                 raise ValueError(f"unknown fields: {sorted(unknown)}")
             params = evict_span_params(body.get("input_ids"), body.get("start"), body.get("end"),
                                        body.get("extra_key"), body.get("cache_salt"))
-            freed = await asyncio.to_thread(call, params)
+            freed = await asyncio.to_thread(ranks.evict_span, await endpoints(), params)
         except TimeoutError as e:
             return ORJSONResponse({"error": str(e)}, status_code=504)
         except ValueError as e:  # includes malformed JSON (json.JSONDecodeError)
@@ -64,5 +64,5 @@ def before_setup(server_args: Any, tokenizer_manager: Any, template_manager: Any
     if getattr(server_args, "radix_cache_backend", None) == BACKEND_NAME:
         from sglang.srt.entrypoints import http_server
 
-        add_evict_route(http_server.app, port_args.rpc_ipc_name)
+        add_evict_route(http_server.app, port_args.rpc_ipc_name, tokenizer_manager)
     return None

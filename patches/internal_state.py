@@ -55,6 +55,9 @@ def plugin_state(scheduler: Any = None) -> dict[str, Any]:
         "platform": type(current_platform).__name__,
     }
     if scheduler is not None:
+        from sglang_holes.patches.scheduler_rpc import ENDPOINT_ATTR
+
+        state["rpc_endpoint"] = getattr(scheduler, ENDPOINT_ATTR, None)  # this rank's (data parallelism)
         state["cache"] = cache_state(scheduler)
     return state
 

@@ -1,16 +1,25 @@
 """Our RPC methods (``evict_span``, ``chunk_kv``) reach the scheduler through SGLang's RPC channel.
 
 An AROUND hook on ``Scheduler.handle_rpc_request`` answers the methods
-``sglang_holes.evict_span`` and ``sglang_holes.chunks.kv_copy`` itself (every other method
+``sglang_holes.evict_span`` and ``sglang_holes.chunk_kv`` itself (every other method
 goes to SGLang unchanged). The reply is SGLang's ``RpcReqOutput``: ``success`` and a
 JSON ``message`` carrying the result, or the error for bad input (the server keeps
 serving).
+
+Data parallelism: each DP rank's scheduler connects to an RPC endpoint of its own, which
+nothing in the serving process binds (SGLang's ``rpc_ipc_name`` reaches no rank). An AFTER
+hook on ``Scheduler.init_ipc_channels`` records each rank's endpoint, ``/get_server_info``
+reports it, and ``RankChannels`` binds one socket per rank: an eviction goes to every
+rank and answers with the total freed.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
+
+ENDPOINT_ATTR = "holes_rpc_endpoint"  # on the Scheduler: its RPC endpoint (set at start)
 
 EVICT_SPAN = "sglang_holes.evict_span"
 CHUNK_KV = "sglang_holes.chunk_kv"
@@ -86,3 +95,53 @@ def call_rpc(sock: Any, method: str, params: dict[str, Any], timeout_s: float = 
     if not reply.success:
         raise ValueError(reply.message)
     return json.loads(reply.message)
+
+
+def after_init_ipc_channels(result: Any, scheduler: Any, port_args: Any, *_: Any, **__: Any) -> Any:
+    setattr(scheduler, ENDPOINT_ATTR, getattr(port_args, "rpc_ipc_name", None))
+    return result
+
+
+def rank_endpoints(internal_states: list[dict]) -> list[str]:
+    """Every DP rank's RPC endpoint from ``/get_server_info``'s ``internal_states`` (one per rank)."""
+    out = [s.get("sglang_holes", {}).get("rpc_endpoint") for s in internal_states]
+    if not out or any(e is None for e in out):
+        raise ValueError("the server did not report every data-parallel rank's RPC endpoint")
+    return out
+
+
+class RankChannels:
+    """One DEALER socket bound at each rank's RPC endpoint; one call in flight at a time (replies
+    carry no id). ``known``: sockets already bound (the engine's own, at SGLang's endpoint)."""
+
+    def __init__(self, known: dict[str, Any] | None = None) -> None:
+        self._socks: dict[str, Any] = dict(known or {})
+        self._lock = threading.Lock()
+
+    def bind(self, endpoint: str) -> None:
+        """Bind ``endpoint`` now (a scheduler connecting to it finds it at once)."""
+        with self._lock:
+            self._sock(endpoint)
+
+    def _sock(self, endpoint: str) -> Any:
+        if endpoint not in self._socks:
+            import zmq
+            from sglang.srt.utils.network import get_zmq_socket
+
+            self._socks[endpoint] = get_zmq_socket(zmq.Context.instance(), zmq.DEALER, endpoint, True)
+        return self._socks[endpoint]
+
+    def evict_span(self, endpoints: list[str], params: dict[str, Any], timeout_s: float = 60.0) -> int:
+        """``evict_span`` on every rank: the total freed. ``ValueError`` if no rank holds the prompt,
+        or with the first other refusal (a locked span, a bad span); ranks that held it are evicted."""
+        freed, refusals = 0, []
+        with self._lock:
+            for endpoint in endpoints:
+                try:
+                    freed += call_evict_span(self._sock(endpoint), params, timeout_s)
+                except ValueError as e:
+                    refusals.append(str(e))
+        other = [r for r in refusals if "not in the cache" not in r]
+        if other or len(refusals) == len(endpoints):
+            raise ValueError(other[0] if other else refusals[0])
+        return freed

@@ -106,3 +106,15 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path, safe_serialization=True)
     return path
+
+
+TINY_POOL = 2600  # ~6 of the soak's ~400-token prompts: constant eviction
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(engines, tiny_llama: Path) -> tuple[object, object]:
+    common = dict(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0)
+    holes = engines.start(env={"SGLANG_HOLES_EVICTION_POLICY": "cost-aware"}, radix_cache_backend="holes",
+                          max_total_tokens=TINY_POOL, **common)
+    cold = engines.start(radix_cache_backend=None, disable_radix_cache=True, max_total_tokens=8192, **common)
+    return holes, cold

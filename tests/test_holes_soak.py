@@ -20,16 +20,6 @@ pytestmark = pytest.mark.engine
 SAMPLING = {"max_new_tokens": 3, "temperature": 0.0}
 # fp32 end to end; see tests/test_holes_backend.py for the 1e-4 budget.
 LOGPROB_TOL = 1e-4
-POOL = 2600  # ~6 of the ~400-token prompts: constant eviction
-
-
-@pytest.fixture(scope="session")
-def tiny_engines(engines, tiny_llama: Path) -> tuple[object, object]:
-    common = dict(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0)
-    holes = engines.start(env={"SGLANG_HOLES_EVICTION_POLICY": "cost-aware"}, radix_cache_backend="holes",
-                          max_total_tokens=POOL, **common)
-    cold = engines.start(radix_cache_backend=None, disable_radix_cache=True, max_total_tokens=8192, **common)
-    return holes, cold
 
 
 def _cache(eng) -> dict:
