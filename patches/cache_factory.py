@@ -65,8 +65,8 @@ def factory(ctx: Any) -> HoleRadixCache:
     metrics = None
     if getattr(args, "enable_metrics", False):
         metrics = HoleMetrics(args.served_model_name or args.model_path)
-    return HoleRadixCache(ctx.params, HolesConfig.from_environ(), recompute_cost=cost, hole_extend=reason is None,
-                          metrics=metrics, chunks=_chunk_reuse(ctx, hf, reason))
+    return HoleRadixCache(ctx.params, HolesConfig.build(ctx.server_args), recompute_cost=cost,
+                          hole_extend=reason is None, metrics=metrics, chunks=_chunk_reuse(ctx, hf, reason))
 
 
 def _chunk_reuse(ctx: Any, hf: Any, reason: str | None) -> ChunkReuse | None:

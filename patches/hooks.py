@@ -89,6 +89,7 @@ HOOKS: tuple[HookSpec, ...] = (
 _ATTN = "sglang.srt.layers.attention"
 REGISTRY_ENTRIES: tuple[RegistryEntry, ...] = (
     RegistryEntry("sglang.srt.mem_cache.registry.register_radix_cache_backend", BACKEND_NAME),
+    RegistryEntry("sglang.srt.arg_groups.choices.add_radix_eviction_policy_choices", "cost-aware"),
     RegistryEntry(f"{_ATTN}.attention_registry.ATTENTION_BACKENDS", "torch_native"),
     RegistryEntry(f"{_ATTN}.attention_registry.ATTENTION_BACKENDS", "flashinfer"),
 )
@@ -104,6 +105,8 @@ SUBCLASSED: tuple[Subclassed, ...] = (
 )
 
 ATTRIBUTES: tuple[Attributes, ...] = (
+    Attributes("sglang.srt.server_args.ServerArgs", ("radix_eviction_policy", "radix_eviction_policy_config",
+                                                     "radix_cache_backend", "enable_mixed_chunk", "dp_size")),
     Attributes(f"{_SB}.Req", (
         "extend_end", "full_untruncated_fill_ids", "multimodal_inputs", "input_embeds", "return_logprob",
         "logprob_start_len", "origin_input_ids", "prefix_len", "cached_tokens", "kv", "customized_info",

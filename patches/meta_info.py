@@ -34,9 +34,13 @@ def record_recomputed(req: Any, spans: list[tuple[int, int]], continued: bool | 
     to the recorded ones; False: a new prefill (a retracted request prefilled again) replaces
     them; None: decided by contiguity (a stock chunk continues the previous span).
     """
-    spans = [[s, e] for s, e in spans if e > s]
     info = req.customized_info if req.customized_info is not None else {}
     prev = info.get(SPANS)
+    if prev is not None and getattr(req, "retracted_stain", False):
+        # Prefilled again after a retraction: SGLang keeps the first admission's cached_tokens,
+        # so the first prefill's spans stay too (cached + recomputed = prompt; spans inside it).
+        return
+    spans = [[s, e] for s, e in spans if e > s]
     if continued is None:
         continued = bool(prev and spans and prev[-1][1] == spans[0][0])
     if continued and prev:

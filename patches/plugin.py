@@ -17,6 +17,7 @@ import importlib
 import logging
 from typing import Any
 
+from sglang_holes.cache.eviction import EVICTION_POLICIES
 from sglang_holes.config import HolesConfig
 from sglang_holes.patches.hooks import BACKEND_NAME, register_hooks
 from sglang_holes.patches.version import UnsupportedSGLangError, check_sglang_version
@@ -38,10 +39,18 @@ def load() -> None:
         return factory(ctx)
 
     register_radix_cache_backend(BACKEND_NAME, holes_factory)
+    _add_eviction_policy_choices()
     _wrap_attention_backend("torch_native", "sglang_holes.patches.torch_native_backend:HoleTorchNativeAttnBackend")
     _wrap_attention_backend("flashinfer", "sglang_holes.patches.flashinfer_backend:HoleFlashInferAttnBackend")
     # Every hook acts only on servers that select --radix-cache-backend holes (or is read-only).
     register_hooks()
+
+
+def _add_eviction_policy_choices() -> None:
+    """``--radix-eviction-policy cost-aware`` (and ``lru-leaf``): SGLang's own flag selects our policies."""
+    from sglang.srt.arg_groups.choices import RADIX_EVICTION_POLICY_CHOICES, add_radix_eviction_policy_choices
+
+    add_radix_eviction_policy_choices([p for p in EVICTION_POLICIES if p not in RADIX_EVICTION_POLICY_CHOICES])
 
 
 def _wrap_attention_backend(name: str, hole_backend: str) -> None:
@@ -61,6 +70,6 @@ def _wrap_attention_backend(name: str, hole_backend: str) -> None:
             return stock(runner)
         module, cls = hole_backend.split(":")
         backend = getattr(importlib.import_module(module), cls)
-        return backend(runner, config=HolesConfig.from_environ())
+        return backend(runner, config=HolesConfig.build(runner.server_args))
 
     attention_registry.ATTENTION_BACKENDS[name] = create

@@ -1,11 +1,10 @@
 """Radix cache backend ``holes``: SGLang's ``BasePrefixCache`` contract on top of ``HoleTree``.
 
 Selected with ``--radix-cache-backend holes`` (registered through SGLang's
-radix-cache registry by ``patches/plugin.py``). Eviction policy: ``HolesConfig.eviction_policy``
-(``SGLANG_HOLES_EVICTION_POLICY``): ``lru-leaf`` (default, stock behaviour) or
-``cost-aware`` (may punch interior holes where recompute is cheapest; its FLOP
-constants come from the served model's config). SGLang's own ``--radix-eviction-policy``
-does not apply here.
+radix-cache registry by ``patches/plugin.py``). Eviction policy: SGLang's own
+``--radix-eviction-policy`` (``HolesConfig.eviction_policy``): ``cost-aware`` (the default
+with this cache: may punch interior holes where recompute is cheapest; its FLOP constants
+come from the served model's config) or ``lru`` (stock behaviour, ``lru-leaf``).
 
 What SGLang sees: the request's leading run of cached tokens as its prefix, exactly
 like stock SGLang; when KV exists beyond a hole, ``match_prefix`` also attaches the
@@ -72,7 +71,7 @@ class HoleRadixCache(BasePrefixCache):
         self.is_eagle = params.is_eagle
         self.config = config if config is not None else HolesConfig()
         # Policies keep no per-tree state: every namespace's tree shares one.
-        self.policy = make_policy(self.config.eviction_policy, recompute_cost)
+        self.policy = make_policy(self.config.eviction_policy, recompute_cost, **dict(self.config.eviction_params))
         # Whether the attention backend can run hole batches (torch_native, FlashInfer); if not,
         # requests with holes take the stock path (recompute from the first hole).
         self.hole_extend = hole_extend

@@ -164,6 +164,8 @@ def _commit_hole_chunk(tree: HoleRadixCache, batch: Any, req: Any, chunk: HoleCh
     # Never freed with the request's row: the tree's reused spans, and positions not computed yet.
     tree.borrowed[req.kv.req_pool_idx] = sorted(reused_beyond + list(chunk.uncomputed))
     record_recomputed(req, list(chunk.spans), continued=not chunk.first)
+    if getattr(req, "retracted_stain", False):
+        return _token_ids(req)[chunk.positions]  # a re-prefill after a retraction is not a new hole request
     if chunk.first:
         tree.count("hole_requests")
         tree.count("reused_tokens", fill.reused)

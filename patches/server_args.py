@@ -19,7 +19,8 @@ from sglang_holes.config import select_platform, selected_platform
 from sglang_holes.patches.platform import PLATFORM_NAME
 from sglang_holes.patches.radix_cache import BACKEND_NAME
 
-ALWAYS, CPU, GPU_HOLES = "always", "cpu", "gpu+holes"
+ALWAYS, HOLES, CPU, GPU_HOLES = "always", "holes", "cpu", "gpu+holes"
+HOLE_POLICIES = ("cost-aware", "lru-leaf", "lru")  # --radix-eviction-policy values the holes cache runs
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Default:
 DEFAULTS: tuple[Default, ...] = (
     # Engine: pass radix_cache_backend=None for SGLang's own cache; serve: --radix-cache-backend radix.
     Default("radix_cache_backend", BACKEND_NAME, ALWAYS),
+    # Cheapest recompute first, interior holes allowed: a hole request costs what it recomputes
+    # (benchmarks/results/policies.md). `--radix-eviction-policy lru` keeps stock behaviour.
+    Default("radix_eviction_policy", "cost-aware", HOLES),
     Default("disable_prefill_cuda_graph", True, GPU_HOLES, unless=("cuda_graph_backend_prefill",)),
     Default("device", "cpu", CPU),
     Default("attention_backend", "torch_native", CPU),
@@ -52,10 +56,14 @@ DEFAULTS: tuple[Default, ...] = (
     # SGLang sizes the KV pool from free host RAM on CPU; a fixed pool keeps a laptop or CI
     # runner from reserving most of its memory.
     Default("max_total_tokens", 65536, CPU),
+    # SGLang derives this from the chunk size and device memory; on a CPU a large
+    # --chunked-prefill-size (16384) makes it negative and the server refuses to start.
+    Default("mem_fraction_static", 0.5, CPU),
 )
 
 # Fields whose given value decides which defaults apply (besides the defaults' own fields).
 _DECIDING = ("device", "radix_cache_backend", "cuda_graph_backend_prefill")
+# (Engine keyword or ServerArgs field; serve flags are parsed by _given_flags)
 
 
 # Settings a ``holes`` server refuses at start (field, value that is refused, why).
@@ -73,8 +81,14 @@ def refusal(settings: Mapping[str, Any] | Any) -> str | None:
             return settings.get(field, default)
         return getattr(settings, field, default)
 
+    policy = get("radix_eviction_policy")
     if get("radix_cache_backend", BACKEND_NAME) != BACKEND_NAME:
+        if policy in ("cost-aware", "lru-leaf"):
+            return f"--radix-eviction-policy {policy} needs --radix-cache-backend {BACKEND_NAME}"
         return None
+    if policy is not None and policy not in HOLE_POLICIES:
+        return (f"the holes radix cache runs --radix-eviction-policy {' or '.join(HOLE_POLICIES)} "
+                f"(lru = stock leaves-only LRU), not {policy!r}")
     for field, value, why in REFUSED:
         if get(field) == value:
             return f"the holes radix cache does not support --{field.replace('_', '-')}: {why}"
@@ -108,6 +122,7 @@ def missing_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
     cuda = has_cuda()
     backend = given.get("radix_cache_backend", BACKEND_NAME)
     on = {ALWAYS: True,
+          HOLES: backend == BACKEND_NAME,
           CPU: not cuda and given.get("device") in (None, "cpu"),
           GPU_HOLES: cuda and backend == BACKEND_NAME}
     out = {d.field: d.value for d in DEFAULTS

@@ -5,10 +5,13 @@ a consumer is built (the ``holes`` cache factory and the hole-aware attention ba
 all in the scheduler process, all from the same environment) and passed down; nothing
 else looks them up again.
 
+The eviction policy comes from SGLang's own flags, ``--radix-eviction-policy`` (``cost-aware``
+by default with the ``holes`` cache; ``lru`` is stock SGLang's leaves-only LRU, ``lru-leaf``
+here) and ``--radix-eviction-policy-config`` (its parameters, e.g. ``{"tau": 32}``).
+
 =================================  =====================  ==================================================
 variable                           default                meaning
 =================================  =====================  ==================================================
-``SGLANG_HOLES_EVICTION_POLICY``   ``lru-leaf``           ``lru-leaf`` (stock: leaves only) or ``cost-aware``
 ``SGLANG_HOLES_ATTENTION_PATH``    ``auto``               FlashInfer hole path: ``auto``, ``custom_mask``, ``spans``
 ``SGLANG_HOLES_MODE``              ``holes``              ``prefix-only``: benchmark baseline, reuse the
                                                           leading cached run only (like stock SGLang) through
@@ -27,10 +30,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sglang_holes.cache.eviction import EVICTION_POLICIES
+from sglang_holes.cache.eviction import EVICTION_POLICIES, POLICY_PARAMS
 
-ENV_EVICTION_POLICY = "SGLANG_HOLES_EVICTION_POLICY"
+FLAG_EVICTION_POLICY = "--radix-eviction-policy"
+# SGLang's flag value -> HoleTree's policy (its other policies have no hole-aware version).
+SGLANG_POLICY_NAMES = {"lru": "lru-leaf"}
 ENV_ATTENTION_PATH = "SGLANG_HOLES_ATTENTION_PATH"
 ENV_MODE = "SGLANG_HOLES_MODE"
 ENV_MODEL_CACHE = "SGLANG_HOLES_CACHE"
@@ -45,18 +51,28 @@ class HolesConfig:
     """What the ``holes`` cache and the hole-aware attention backends are told (validated).
 
     eviction_policy: a name registered in ``sglang_holes.cache.eviction.EVICTION_POLICIES``.
+    eviction_params: the policy's parameters, as ``(name, value)`` pairs (``cost-aware``: ``tau``).
     attention_path: FlashInfer hole path, ``auto`` (the cost model picks per batch),
         ``custom_mask`` or ``spans``.
     mode: ``holes``, or ``prefix-only`` (benchmark baseline: every extend runs the hole
         attention code but only the leading cached run is reused).
     """
 
-    eviction_policy: str = "lru-leaf"
+    eviction_policy: str = "cost-aware"
     attention_path: str = "auto"
     mode: str = "holes"
+    eviction_params: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
-        _check(ENV_EVICTION_POLICY, self.eviction_policy, tuple(EVICTION_POLICIES), "an eviction policy")
+        _check(FLAG_EVICTION_POLICY, self.eviction_policy, tuple(EVICTION_POLICIES),
+               "an eviction policy of the holes cache")
+        allowed = POLICY_PARAMS.get(self.eviction_policy, ())
+        for name, value in self.eviction_params:
+            if name not in allowed:
+                raise ValueError(f"--radix-eviction-policy-config: {self.eviction_policy} takes {list(allowed)}, "
+                                 f"not {name!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"--radix-eviction-policy-config: {name} must be a number > 0, got {value!r}")
         _check(ENV_ATTENTION_PATH, self.attention_path, ATTENTION_PATHS, "a FlashInfer hole path")
         _check(ENV_MODE, self.mode, MODES, "a mode")
 
@@ -65,12 +81,18 @@ class HolesConfig:
         return self.mode == "prefix-only"
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> HolesConfig:
-        """Settings from ``environ`` (default: this process's environment); ``ValueError`` if one is bad."""
+    def build(cls, server_args: Any = None, environ: Mapping[str, str] | None = None) -> HolesConfig:
+        """Settings from SGLang's server arguments (``radix_eviction_policy``,
+        ``radix_eviction_policy_config``) and ``environ`` (default: this process's environment).
+        ``ValueError`` naming the flag or variable if one is bad."""
         env = os.environ if environ is None else environ
-        return cls(eviction_policy=env.get(ENV_EVICTION_POLICY, cls.eviction_policy),
+        policy = getattr(server_args, "radix_eviction_policy", None) or cls.eviction_policy
+        params = getattr(server_args, "radix_eviction_policy_config", None) or {}
+        if not isinstance(params, Mapping):
+            raise ValueError(f"--radix-eviction-policy-config must be a JSON object, got {params!r}")
+        return cls(eviction_policy=SGLANG_POLICY_NAMES.get(policy, policy),
                    attention_path=env.get(ENV_ATTENTION_PATH, cls.attention_path),
-                   mode=env.get(ENV_MODE, cls.mode))
+                   mode=env.get(ENV_MODE, cls.mode), eviction_params=tuple(sorted(params.items())))
 
 
 def _check(variable: str, value: str, allowed: tuple[str, ...], what: str) -> None:

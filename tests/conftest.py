@@ -72,14 +72,17 @@ def engines() -> Iterator[Engines]:
 def engine(engines: Engines, embedded_model: Path) -> object:
     """One real SGLang engine (CPU, torch_native, fp32) with SGLang's OWN radix cache (the
     reference for cold and stock runs), plugin loaded, for the whole session."""
-    return engines.start(model_path=str(embedded_model), log_level="error", random_seed=0, radix_cache_backend=None)
+    return engines.start(model_path=str(embedded_model), log_level="error", random_seed=0, radix_cache_backend=None,
+                         max_total_tokens=16384)  # engines live until the session ends: keep each one small
 
 
 @pytest.fixture(scope="session")
 def holes_engine(engines: Engines, embedded_model: Path) -> object:
     """The embedded model on the ``holes`` cache (cost-aware eviction, a small pool); chunk mode on."""
-    return engines.start(env={"SGLANG_HOLES_EVICTION_POLICY": "cost-aware"}, model_path=str(embedded_model),
-                         log_level="error", radix_cache_backend="holes", max_total_tokens=3400, random_seed=0)
+    # The chunk size that made SGLang's CPU memory fraction negative (a CPU default fixes it).
+    return engines.start(model_path=str(embedded_model), log_level="error", radix_cache_backend="holes",
+                         radix_eviction_policy="cost-aware", max_total_tokens=3400, random_seed=0,
+                         chunked_prefill_size=16384)
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +117,7 @@ TINY_POOL = 2600  # ~6 of the soak's ~400-token prompts: constant eviction
 @pytest.fixture(scope="session")
 def tiny_engines(engines, tiny_llama: Path) -> tuple[object, object]:
     common = dict(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0)
-    holes = engines.start(env={"SGLANG_HOLES_EVICTION_POLICY": "cost-aware"}, radix_cache_backend="holes",
+    holes = engines.start(radix_cache_backend="holes", radix_eviction_policy="cost-aware",
                           max_total_tokens=TINY_POOL, **common)
     cold = engines.start(radix_cache_backend=None, disable_radix_cache=True, max_total_tokens=8192, **common)
     return holes, cold

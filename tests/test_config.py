@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,23 +12,29 @@ from sglang_holes import HolesConfig
 from sglang_holes.config import model_cache_dir
 
 
-def test_defaults_and_environment():
-    assert HolesConfig.from_environ({}) == HolesConfig("lru-leaf", "auto", "holes")
-    cfg = HolesConfig.from_environ({"SGLANG_HOLES_EVICTION_POLICY": "cost-aware",
-                                    "SGLANG_HOLES_ATTENTION_PATH": "spans", "SGLANG_HOLES_MODE": "prefix-only"})
-    assert (cfg.eviction_policy, cfg.attention_path, cfg.prefix_only) == ("cost-aware", "spans", True)
+def test_defaults_flags_and_environment():
+    assert HolesConfig.build(None, {}) == HolesConfig("cost-aware", "auto", "holes")
+    args = SimpleNamespace(radix_eviction_policy="lru", radix_eviction_policy_config=None)
+    cfg = HolesConfig.build(args, {"SGLANG_HOLES_ATTENTION_PATH": "spans", "SGLANG_HOLES_MODE": "prefix-only"})
+    assert (cfg.eviction_policy, cfg.attention_path, cfg.prefix_only) == ("lru-leaf", "spans", True)
+    tuned = HolesConfig.build(SimpleNamespace(radix_eviction_policy="cost-aware",
+                                              radix_eviction_policy_config={"tau": 64}), {})
+    assert tuned.eviction_params == (("tau", 64),)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.mode = "holes"
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    ("SGLANG_HOLES_EVICTION_POLICY", "lfu", "not an eviction policy"),
-    ("SGLANG_HOLES_ATTENTION_PATH", "ragged", "not a FlashInfer hole path"),
-    ("SGLANG_HOLES_MODE", "fast", "not a mode"),
+@pytest.mark.parametrize("args, env, message", [
+    ({"radix_eviction_policy": "lfu"}, {}, "--radix-eviction-policy='lfu' is not an eviction policy"),
+    ({"radix_eviction_policy_config": {"threshold": 3}}, {}, "takes \\['tau'\\], not 'threshold'"),
+    ({"radix_eviction_policy_config": {"tau": -1}}, {}, "tau must be a number > 0"),
+    ({"radix_eviction_policy": "lru", "radix_eviction_policy_config": {"tau": 2}}, {}, "takes \\[\\]"),
+    ({}, {"SGLANG_HOLES_ATTENTION_PATH": "ragged"}, "SGLANG_HOLES_ATTENTION_PATH='ragged' is not a FlashInfer"),
+    ({}, {"SGLANG_HOLES_MODE": "fast"}, "SGLANG_HOLES_MODE='fast' is not a mode"),
 ])
-def test_bad_settings_are_refused_with_the_variable_named(variable, value, message):
-    with pytest.raises(ValueError, match=f"{variable}='{value}' is {message}"):
-        HolesConfig.from_environ({variable: value})
+def test_bad_settings_are_refused_naming_the_flag_or_variable(args, env, message):
+    with pytest.raises(ValueError, match=message):
+        HolesConfig.build(SimpleNamespace(**args), env)
 
 
 def test_model_cache_dir():

@@ -81,3 +81,4 @@ def test_chunk_placement_copies_moved_chunks_and_borrows_unmoved_ones():
     assert plan.positions.tolist() == [0, 1, 3, 6, 7]  # BOS, each chunk's first token, the question
     assert plan.surplus.tolist() == [202]  # only position 2 borrows; copied-into slots stay the request's
     assert plan.reused == 3 and plan.borrowed == ((2, 3),)
+

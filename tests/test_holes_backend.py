@@ -183,3 +183,22 @@ def test_evict_span_bad_input(holes_engine, tokenizer):
         (before["available"], before["evictable"], "ok")
     out = holes_engine.generate(input_ids=ids, sampling_params=SAMPLING)  # still serving
     assert out["meta_info"]["cached_tokens"] == len(ids) - 1
+
+
+def test_evict_span_in_a_salted_namespace(engine, holes_engine, tokenizer):
+    """A prompt cached under a cache salt is evicted in that namespace only (Engine and HTTP
+    take ``cache_salt`` / ``extra_key``); its namespace's tree goes when nothing is left."""
+    ids = _ids(tokenizer, 400, seed=77)
+    holes_engine.flush_cache()
+    holes_engine.generate(input_ids=ids, sampling_params=SAMPLING, cache_salt="tenant-x")
+    with pytest.raises(ValueError, match="not in the cache"):
+        holes_engine.evict_span(ids, 10, 20)  # the default namespace does not hold it
+    assert holes_engine.evict_span(ids, 10, 20, cache_salt="tenant-x") == 10
+    got = holes_engine.generate(input_ids=ids, sampling_params=SAMPLING, cache_salt="tenant-x",
+                                return_logprob=True, top_logprobs_num=5)
+    _compare(got, _cold(engine, ids))
+    assert got["meta_info"]["hole_spans"] == [[10, 20], [399, 400]]
+    with pytest.raises(ValueError, match="cache_salt must be a string"):
+        holes_engine.evict_span(ids, 10, 20, cache_salt=7)
+    assert holes_engine.flush_cache().success
+    assert _cache(holes_engine)["integrity"] == "ok"

@@ -32,7 +32,8 @@ def test_gpu_holes_server_disables_the_prefill_graph(monkeypatch, argv, added):
     assert ("--disable-prefill-cuda-graph" in out) == added
     assert "--device" not in out  # SGLang's GPU defaults stand
     kw = launch.apply_engine_defaults({"radix_cache_backend": "holes"})
-    assert kw == {"radix_cache_backend": "holes", "disable_prefill_cuda_graph": True}
+    assert kw == {"radix_cache_backend": "holes", "disable_prefill_cuda_graph": True,
+                  "radix_eviction_policy": "cost-aware"}
 
 
 def test_flag_value():
@@ -66,7 +67,29 @@ def test_engine_and_serve_get_the_same_defaults(monkeypatch):
 def test_another_device_gets_no_cpu_defaults(monkeypatch):
     monkeypatch.setattr(launch, "has_cuda", lambda: False)
     monkeypatch.setattr(launch, "prepare_cpu_environment", lambda: pytest.fail("CPU platform selected"))
-    assert launch.apply_cli_defaults(["--device", "xpu"]) == ["--device", "xpu", "--radix-cache-backend", "holes"]
+    assert launch.apply_cli_defaults(["--device", "xpu"]) == ["--device", "xpu", "--radix-cache-backend", "holes",
+                                                             "--radix-eviction-policy", "cost-aware"]
+
+
+def test_eviction_policy_through_sglangs_flag(monkeypatch):
+    """cost-aware by default with the holes cache; SGLang's lru is stock behaviour; its other
+    policies have no hole-aware version and are refused; ours need the holes cache."""
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
+    monkeypatch.setattr(launch, "prepare_cpu_environment", lambda: None)
+    assert launch.flag_value(launch.apply_cli_defaults([]), "--radix-eviction-policy")[1] == "cost-aware"
+    out = launch.apply_cli_defaults(["--radix-eviction-policy", "lru"])
+    assert out.count("--radix-eviction-policy") == 1
+    assert launch.apply_engine_defaults({"radix_cache_backend": None}).get("radix_eviction_policy") is None
+    assert launch.refusal({"radix_eviction_policy": "lru"}) is None
+    assert "not 'lfu'" in launch.refusal({"radix_eviction_policy": "lfu"})
+    assert "needs --radix-cache-backend holes" in launch.refusal({"radix_cache_backend": "radix",
+                                                                  "radix_eviction_policy": "cost-aware"})
+
+
+def test_cpu_defaults_start_with_a_large_chunk_size(monkeypatch):
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
+    monkeypatch.setattr(launch, "prepare_cpu_environment", lambda: None)
+    assert launch.apply_engine_defaults({"chunked_prefill_size": 16384})["mem_fraction_static"] == 0.5
 
 
 def test_mixed_chunk_is_refused_with_the_holes_cache():

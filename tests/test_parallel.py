@@ -13,72 +13,54 @@ SAMPLING = {"max_new_tokens": 3, "temperature": 0.0}
 BIND = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}
 
 
-def _start(engines, tiny_llama: Path, **kw) -> object:
-    return engines.start(env=BIND, model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error",
-                         random_seed=0, radix_cache_backend="holes", max_total_tokens=4000, **kw)
+def _child(kind: str, model: Path) -> dict:
+    """Run ``tests/parallel_child.py`` (an engine of two ranks, gone when it returns)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    r = subprocess.run([sys.executable, "-m", "tests.parallel_child", kind, str(model)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, r.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
 
 
-def _ranks(eng) -> list[dict]:
-    return [s["sglang_holes"] for s in eng.get_server_info()["internal_states"]]
+def _same_as_cold(run: dict, cold, ids: list[int]) -> None:
+    ref = cold.generate(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
+    assert run["output_ids"] == ref["output_ids"]
+    diff = max(abs(a[0] - b[0]) for x, y in zip(run["top"], ref["meta_info"]["output_top_logprobs"], strict=True)
+               for a, b in zip(x, y, strict=True))
+    assert diff <= 1e-4  # fp32; tensor-parallel partial sums add in another order
 
 
-def _check(eng) -> None:
-    for r in _ranks(eng):
-        c = r["cache"]
+def _check(caches: list[dict]) -> None:
+    for c in caches:
         assert c["integrity"] == "ok" and c["available"] + c["evictable"] + c["protected"] == c["pool_size"], c
 
 
-@pytest.fixture(scope="module")
-def dp2(engines, tiny_llama):
-    return _start(engines, tiny_llama, dp_size=2)
-
-
-@pytest.fixture(scope="module")
-def tp2(engines, tiny_llama):
-    return _start(engines, tiny_llama, tp_size=2)
-
-
-def test_data_parallel_eviction_reaches_every_rank(dp2, tiny_engines):
+def test_data_parallel_eviction_reaches_every_rank(tiny_llama, tiny_engines):
     """Each rank has its own cache and RPC endpoint: /get_server_info lists both, an eviction
     frees the span on every rank holding the prompt and answers with the total."""
-    _, cold = tiny_engines
-    rng = random.Random(21)
-    ids = [rng.randrange(3, 2000) for _ in range(500)]
-    assert dp2.flush_cache().success
-    for _ in range(2):  # round robin: the prompt is cached on both ranks
-        dp2.generate(input_ids=ids, sampling_params=SAMPLING)
-    ranks = _ranks(dp2)
-    assert len(ranks) == 2 and len({r["rpc_endpoint"] for r in ranks}) == 2
-    assert dp2.evict_span(ids, 100, 150) == 2 * 50
-    before = sum(r["cache"]["stats"]["hole_requests"] for r in _ranks(dp2))
-    kw = dict(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
-    ref = cold.generate(**kw)
-    for _ in range(2):
-        got = dp2.generate(**kw)
-        assert got["output_ids"] == ref["output_ids"]
-        assert got["meta_info"]["hole_spans"] == [[100, 150], [499, 500]]
-    assert sum(r["cache"]["stats"]["hole_requests"] for r in _ranks(dp2)) == before + 2
-    with pytest.raises(ValueError, match="not in the cache"):
-        dp2.evict_span([1, 2, 3, 4], 0, 2)
-    _check(dp2)
+    r = _child("dp", tiny_llama)
+    assert len(r["endpoints"]) == 2 and len(set(r["endpoints"])) == 2
+    assert r["freed"] == 2 * 50  # the prompt was cached on both ranks
+    for run in r["runs"]:  # one request per rank, each refilling its hole
+        _same_as_cold(run, tiny_engines[1], r["ids"])
+        assert run["hole_spans"] == [[100, 150], [499, 500]]
+    assert r["hole_requests"] == 2
+    assert "not in the cache" in r["refusal"]
+    _check(r["caches"])
 
 
-def test_tensor_parallel_fills_holes_exactly(tp2, tiny_engines):
-    _, cold = tiny_engines
-    rng = random.Random(22)
-    ids = [rng.randrange(3, 2000) for _ in range(600)]
-    assert tp2.flush_cache().success
-    tp2.generate(input_ids=ids, sampling_params=SAMPLING)
-    assert tp2.evict_span(ids, 0, 20) == 20 and tp2.evict_span(ids, 300, 330) == 30
-    kw = dict(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
-    got, ref = tp2.generate(**kw), cold.generate(**kw)
-    assert got["output_ids"] == ref["output_ids"]
-    diff = max(abs(a[0] - b[0]) for x, y in zip(got["meta_info"]["output_top_logprobs"],
-                                                 ref["meta_info"]["output_top_logprobs"], strict=True)
-               for a, b in zip(x, y, strict=True))
-    assert diff <= 1e-4  # fp32; the two ranks' partial sums add in another order
-    assert got["meta_info"]["hole_spans"] == [[0, 20], [300, 330], [599, 600]]
-    _check(tp2)
+def test_tensor_parallel_fills_holes_exactly(tiny_llama, tiny_engines):
+    r = _child("tp", tiny_llama)
+    assert r["freed"] == [20, 30]
+    _same_as_cold(r["runs"][0], tiny_engines[1], r["ids"])
+    assert r["runs"][0]["hole_spans"] == [[0, 20], [300, 330], [599, 600]]
+    _check(r["caches"])
 
 
 def test_http_eviction_with_data_parallelism(tiny_llama, tiny_engines):
@@ -88,11 +70,10 @@ def test_http_eviction_with_data_parallelism(tiny_llama, tiny_engines):
     import signal
     import subprocess
     import sys
-    import time
 
     import requests
 
-    from tests.test_server import _free_port
+    from tests.test_server import _free_port, wait_healthy
 
     port = _free_port()
     proc = subprocess.Popen(
@@ -102,17 +83,7 @@ def test_http_eviction_with_data_parallelism(tiny_llama, tiny_engines):
         start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("server did not become healthy in 300 s")
+        wait_healthy(proc, base)
         rng = random.Random(23)
         ids = [rng.randrange(3, 2000) for _ in range(400)]
         for _ in range(2):

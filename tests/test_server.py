@@ -26,6 +26,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, base: str, timeout_s: float = 300) -> None:
+    """Wait until the server at ``base`` answers /health (fail if it exits or takes longer)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"server did not become healthy in {timeout_s:.0f} s")
+
+
 def _session_procs(sid: int) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter():
@@ -50,17 +64,7 @@ def test_make_serve_answers_and_shuts_down_cleanly(embedded_model: Path, tokeniz
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("server did not become healthy in 300 s")
+        wait_healthy(proc, base)
         r = requests.post(f"{base}/generate", json={
             "text": "The capital of France is", "sampling_params": {"max_new_tokens": 8, "temperature": 0}})
         assert r.status_code == 200, r.text
@@ -121,6 +125,8 @@ def _check_holes_over_http(base: str, tokenizer) -> None:
                       ({"input_ids": ids, "start": "0", "end": 5}, "must be an integer"),
                       ({"input_ids": "hello", "start": 0, "end": 5}, "list of token ids"),
                       ({"input_ids": ids, "start": 0, "end": 5, "stop": 1}, "unknown fields"),
+                      ({"input_ids": ids, "start": 0, "end": 5, "cache_salt": "nobody"}, "not in the cache"),
+                      ({"input_ids": ids, "start": 0, "end": 5, "extra_key": 3}, "extra_key must be a string"),
                       ([1, 2], "JSON object")]:
         r = requests.post(f"{base}/holes/evict", json=body)
         assert r.status_code == 400 and msg in r.json()["error"], (body, r.text)

@@ -147,20 +147,25 @@ class CostAware:
                 heapq.heappush(heap, (self.priority(n, chunk, now), next(tie), n))
 
 
-def _cost_aware(recompute_cost: RecomputeCost | None) -> CostAware:
-    return CostAware(recompute_cost or SMOLLM2_135M)
+def _cost_aware(recompute_cost: RecomputeCost | None, tau: float = 32.0) -> CostAware:
+    return CostAware(recompute_cost or SMOLLM2_135M, tau=float(tau))
 
 
-# name -> factory(recompute cost of the served model, or None for SmolLM2-135M's constants)
-EVICTION_POLICIES: Mapping[str, Callable[[RecomputeCost | None], EvictionPolicy]] = MappingProxyType({
+# name -> factory(recompute cost of the served model or None for SmolLM2-135M's constants, **params)
+EVICTION_POLICIES: Mapping[str, Callable[..., EvictionPolicy]] = MappingProxyType({
     LRULeaf.name: lambda _cost: LRULeaf(),
     CostAware.name: _cost_aware,
 })
+# The parameters each policy takes (``--radix-eviction-policy-config``).
+POLICY_PARAMS: Mapping[str, tuple[str, ...]] = MappingProxyType({LRULeaf.name: (), CostAware.name: ("tau",)})
 
 
-def make_policy(name: str, recompute_cost: RecomputeCost | None = None) -> EvictionPolicy:
-    """The registered policy ``name`` (``ValueError`` for an unknown name)."""
+def make_policy(name: str, recompute_cost: RecomputeCost | None = None, **params: float) -> EvictionPolicy:
+    """The registered policy ``name`` with its ``params`` (``ValueError`` for an unknown name or parameter)."""
     factory = EVICTION_POLICIES.get(name)
     if factory is None:
         raise ValueError(f"unknown eviction policy {name!r}; expected one of {tuple(EVICTION_POLICIES)}")
-    return factory(recompute_cost)
+    unknown = set(params) - set(POLICY_PARAMS[name])
+    if unknown:
+        raise ValueError(f"eviction policy {name!r} takes no parameter {sorted(unknown)}")
+    return factory(recompute_cost, **params)
