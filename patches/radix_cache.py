@@ -153,7 +153,7 @@ class HoleRadixCache(BasePrefixCache):
         """Slots of the prefix SGLang admitted: the leading cached run, or, for a hole request,
         every reused span in position order (its row is rewritten in position order right after)."""
         fill = holes_of(req).fill
-        if fill is not None:
+        if fill is not None and req.prefix_len == fill.reused and req.last_node is fill.node:
             parts = [g.slots for g in fill.segments if g.slots is not None]
             out = torch.cat(parts).to(self.device)
             assert out.numel() == req.prefix_len == fill.reused, (out.numel(), req.prefix_len, fill.reused)
