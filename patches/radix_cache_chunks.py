@@ -113,7 +113,7 @@ class ChunkReuse:
         start = _input_logprob_start(req, n)
         if start is not None:  # input logprobs need those positions' logits: recompute them
             keep[start:] = True
-        return plan_extend("chunk", 0, keep, slots, borrowed_writes(keep, placement.cached, slots_cpu),
+        return plan_extend(0, keep, slots, borrowed_writes(keep, placement.cached, slots_cpu),
                            0 if start is None else n - start)
 
     def _recompute(self, req: Any, st: ChunkState, pool: Any, cached: torch.Tensor, n: int) -> torch.Tensor:

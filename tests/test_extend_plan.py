@@ -55,11 +55,11 @@ def test_hole_chunk_bounds():
 def test_bad_plans_are_refused():
     keep = torch.tensor([True, False, True])
     with pytest.raises(ValueError, match="covers a recomputed position"):
-        plan_extend("hole", 0, keep, torch.arange(3), [RowWrite(0, 2, T([8, 9]))])
+        plan_extend(0, keep, torch.arange(3), [RowWrite(0, 2, T([8, 9]))])
     with pytest.raises(ValueError, match="allocated slots"):
-        plan_extend("hole", 0, keep, torch.arange(4), [RowWrite(1, 2, T([9]))])
+        plan_extend(0, keep, torch.arange(4), [RowWrite(1, 2, T([9]))])
     with pytest.raises(ValueError, match="does not fit"):
-        plan_extend("hole", 0, keep, torch.arange(3), [RowWrite(1, 3, T([9]))])
+        plan_extend(0, keep, torch.arange(3), [RowWrite(1, 3, T([9]))])
 
 
 def test_chunk_placement_copies_moved_chunks_and_borrows_unmoved_ones():
@@ -77,7 +77,7 @@ def test_chunk_placement_copies_moved_chunks_and_borrows_unmoved_ones():
     keep = recompute_mask(8, hints, [True, True])
     writes = borrowed_writes(keep, placement.cached, slots)
     assert [(w.start, w.end, w.slots.tolist()) for w in writes] == [(2, 3, [51])]  # b's first token recomputed
-    plan = plan_extend("chunk", 0, keep, slots, writes)
+    plan = plan_extend(0, keep, slots, writes)
     assert plan.positions.tolist() == [0, 1, 3, 6, 7]  # BOS, each chunk's first token, the question
     assert plan.surplus.tolist() == [202]  # only position 2 borrows; copied-into slots stay the request's
     assert plan.reused == 3 and plan.borrowed == ((2, 3),)

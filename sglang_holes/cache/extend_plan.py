@@ -33,7 +33,7 @@ class RowWrite:
 
 @dataclass(frozen=True)
 class ExtendPlan:
-    """How one request's extend is rewritten (``kind`` ``hole`` or ``chunk``).
+    """How a chunk-mode request's allocated extend is rewritten (hole requests: ``HoleChunk``).
 
     keep: bool ``[n - P0]`` over the allocated extend, True = position recomputed.
     positions: int64 ``[m]`` recomputed positions, ascending (the queries' original positions).
@@ -43,7 +43,6 @@ class ExtendPlan:
     logprob_tail: the last ``logprob_tail`` recomputed positions return input logprobs.
     """
 
-    kind: str
     prefix_len: int
     keep: torch.Tensor
     positions: torch.Tensor
@@ -69,13 +68,8 @@ class ExtendPlan:
         """Recomputed spans: the holes and the uncached tail (the last position included)."""
         return spans_from_positions(self.positions.tolist())
 
-    @property
-    def holes_filled(self) -> int:
-        """Recomputed spans that end before the sequence does (interior holes, not the tail)."""
-        return sum(1 for _, e in self.missing if e < self.seq_len)
 
-
-def plan_extend(kind: str, prefix_len: int, keep: torch.Tensor, slots: torch.Tensor,
+def plan_extend(prefix_len: int, keep: torch.Tensor, slots: torch.Tensor,
                 row_writes: Sequence[RowWrite], logprob_tail: int = 0) -> ExtendPlan:
     """The plan for an extend whose positions ``P0 + i`` are recomputed where ``keep[i]``.
 
@@ -97,7 +91,7 @@ def plan_extend(kind: str, prefix_len: int, keep: torch.Tensor, slots: torch.Ten
         raise ValueError("a row write covers a recomputed position")
     positions = torch.arange(prefix_len, prefix_len + ext, dtype=torch.int64)[keep]
     surplus = slots[written.to(slots.device)]
-    return ExtendPlan(kind, prefix_len, keep, positions, tuple((w.start, w.end) for w in row_writes),
+    return ExtendPlan(prefix_len, keep, positions, tuple((w.start, w.end) for w in row_writes),
                       tuple(row_writes), surplus, logprob_tail)
 
 

@@ -28,6 +28,7 @@ class Namespaces:
         self.policy = policy
         self._trees: dict[Hashable, HoleTree] = {}
         self._by_root: dict[int, HoleTree] = {}
+        self._ns_of: dict[int, Hashable] = {}  # id(tree) -> its namespace: dropping stays O(1)
         self.evictable_size = 0
         self.protected_size = 0
         self.get(DEFAULT)
@@ -39,6 +40,7 @@ class Namespaces:
             tree = HoleTree(page_size=self.page_size, policy=self.policy)
             self._trees[ns] = tree
             self._by_root[id(tree.root)] = tree
+            self._ns_of[id(tree)] = ns
         return tree
 
     def find(self, ns: Hashable) -> HoleTree | None:
@@ -71,10 +73,10 @@ class Namespaces:
         root = tree.root
         if tree.total_size or root.children or root.lock_ref > 1:  # the root holds one lock of its own
             return
-        for ns, t in list(self._trees.items()):
-            if t is tree and ns != DEFAULT:
-                del self._trees[ns]
-                del self._by_root[id(root)]
+        ns = self._ns_of.get(id(tree))
+        if ns is None or ns == DEFAULT or self._trees.get(ns) is not tree:
+            return
+        del self._trees[ns], self._by_root[id(root)], self._ns_of[id(tree)]
 
     def check_integrity(self) -> None:
         """Each tree's integrity, and the running totals equal the trees' sizes."""
