@@ -59,8 +59,6 @@ class Attributes(NamedTuple):
 
 _SB = "sglang.srt.managers.schedule_batch"
 HOOKS: tuple[HookSpec, ...] = (
-    HookSpec(f"{_SB}.ScheduleBatch.prepare_for_extend", "before",
-             "schedule_batch:before_prepare_for_extend", ("self",)),
     HookSpec(f"{_SB}.ScheduleBatch.prepare_for_extend", "after",
              "schedule_batch:after_prepare_for_extend", ("self",)),
     HookSpec("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "after",
@@ -113,7 +111,8 @@ ATTRIBUTES: tuple[Attributes, ...] = (
         "kv_hints", "extra_key", "cache_salt", "rid", "last_node", "lock")),
     Attributes(f"{_SB}.ScheduleBatch", (
         "reqs", "tree_cache", "prefix_lens", "extend_lens", "extend_logprob_start_lens", "extend_num_tokens",
-        "prefill_input_ids_cpu", "out_cache_loc", "req_to_token_pool")),
+        "prefill_input_ids_cpu", "out_cache_loc", "req_to_token_pool", "return_logprob",
+        "extend_input_logprob_token_ids", "model_config")),
     Attributes("sglang.srt.model_executor.forward_batch_info.ForwardBatch", (
         "forward_mode", "positions", "seq_lens", "seq_lens_cpu", "extend_seq_lens_cpu", "req_pool_indices",
         "out_cache_loc")),

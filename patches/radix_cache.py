@@ -50,7 +50,7 @@ from sglang_holes.cache.tree import HoleTree, Node, TreeHandle
 from sglang_holes.config import HolesConfig
 from sglang_holes.patches.hooks import BACKEND_NAME
 from sglang_holes.patches.metrics import COUNTERS, HoleMetrics
-from sglang_holes.patches.radix_cache_chunks import ChunkReuse
+from sglang_holes.patches.radix_cache_chunks import ChunkMatch, ChunkReuse
 from sglang_holes.patches.request_holes import HoleFill, holes_of
 
 __all__ = ["BACKEND_NAME", "HoleRadixCache"]
@@ -129,9 +129,9 @@ class HoleRadixCache(BasePrefixCache):
         rec = holes_of(params.req) if params.req is not None else None
         if rec is not None:
             rec.fill, rec.fallback = None, False  # a waiting request is matched every round
-        if tree is None or (rec is not None and self.chunks is not None and rec.chunk_hints is not None):
-            # Nothing cached in this namespace (its tree is made by the first checkpoint); chunk mode
-            # never reads the exact tree (and never writes it: see checkpoint).
+            if self.chunks is not None and rec.chunk_hints is not None:
+                return self._match_chunks(params.req, len(key))
+        if tree is None:  # nothing cached in this namespace (its tree is made by the first checkpoint)
             return MatchResult(0, self.root_node, self.root_node, self.root_node)
         result = tree.match(self._tokens(key))
         beyond = 0 if self.prefix_only else result.reused_tokens - result.cached_prefix_len
@@ -148,6 +148,26 @@ class HoleRadixCache(BasePrefixCache):
         node = result.handle.node
         rec.fill = HoleFill(result.cached_prefix_len, result.reused_tokens, tuple(result.segments), node)
         return MatchResult(result.reused_tokens, node, node, node, cache_protected_len=result.cached_prefix_len)
+
+    def _match_chunks(self, req: Any, max_prefix: int) -> MatchResult:
+        """Chunk mode never reads the exact tree (nor writes it: see checkpoint); its reuse comes from
+        the chunk store, shown to SGLang in virtual order like a hole fill (``radix_cache_chunks``)."""
+        fill = None
+        if self.hole_extend and _stock_only(req) in (None, "input logprobs"):
+            room = self.token_to_kv_pool_allocator.available_size() + self.evictable_size()
+            fill = self.chunks.match(req, max_prefix, room)
+        if fill is None:
+            return MatchResult(0, self.root_node, self.root_node, self.root_node)
+        holes_of(req).fill = fill
+        return MatchResult(fill.reused, fill.node, fill.node, fill.node, cache_protected_len=0)
+
+    def resolve_node_handle(self, node_handle: Any) -> Any:
+        """For SGLang's ``dfs-weight`` ordering: a node outside the default namespace's tree (another
+        namespace's, or a ``ChunkMatch``) counts at the root, so its request keeps its place in the queue."""
+        node = node_handle
+        while isinstance(node, Node) and node.parent is not None:
+            node = node.parent
+        return node_handle if node is self.root_node else self.root_node
 
     def prefix_device_indices(self, req: Any) -> torch.Tensor:
         """Slots of the prefix SGLang admitted: the leading cached run, or, for a hole request,
@@ -205,6 +225,11 @@ class HoleRadixCache(BasePrefixCache):
             return
         kv = req.kv
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
+        fill = holes_of(req).fill
+        if fill is not None and fill.first_uncomputed() is not None:
+            # Mid-fill (chunked prefill in virtual order): everything before the first position not
+            # yet computed is present; the rest waits for later chunks.
+            up_to = fill.first_uncomputed()
         if self.chunks is not None and holes_of(req).chunk_hints is not None:
             # Approximate KV stays out of the exact tree; computed chunks go to the store.
             owned = self.chunks.store_computed(req, row[:up_to].to(torch.int64).cpu(), up_to)
@@ -212,11 +237,6 @@ class HoleRadixCache(BasePrefixCache):
                 self.borrowed.setdefault(kv.req_pool_idx, []).extend(owned)
                 self.borrowed[kv.req_pool_idx].sort()
             return
-        fill = holes_of(req).fill
-        if fill is not None and fill.missing is not None and fill.computed < fill.missing.numel():
-            # Mid-fill (chunked prefill over holes): everything before the first position not yet
-            # computed is present; the rest waits for later chunks.
-            up_to = int(fill.missing[fill.computed])
         tokens = list(req.full_untruncated_fill_ids[:up_to])
         key_len = len(tokens) - len(tokens) % self.page_size
         tree = self._tree(req.extra_key, req.cache_salt)
@@ -234,7 +254,7 @@ class HoleRadixCache(BasePrefixCache):
         if fill is not None:
             if fill.row is not None:
                 fill.row[:key_len] = path.to(fill.row.device, fill.row.dtype)
-            if fill.missing is None or fill.computed < fill.missing.numel():
+            if fill.order is None or fill.computed < fill.order.numel():
                 if key_len <= fill.node.end:
                     return  # the admission lock on the deeper node still pins every reused span
             else:
@@ -269,6 +289,9 @@ class HoleRadixCache(BasePrefixCache):
         return EvictResult(num_tokens_evicted=freed)
 
     def lock(self, node: Any) -> TreeLock | None:
+        if isinstance(node, ChunkMatch):
+            self.chunks.lock(node)
+            return TreeLock(node, None)
         handle = TreeHandle(node)
         with self._tracked(node) as tree:
             if tree is not None:
@@ -278,11 +301,17 @@ class HoleRadixCache(BasePrefixCache):
     def unlock(self, lock: TreeLock | None) -> None:
         if lock is None:
             return
+        if isinstance(lock.node, ChunkMatch):
+            self.chunks.unlock(lock.node)
+            return
         with self._tracked(lock.node) as tree:
             if tree is not None:
                 tree.unlock(lock.receipt)
 
     def inc_lock_ref(self, node: Any) -> IncLockRefResult:
+        if isinstance(node, ChunkMatch):
+            self.chunks.lock(node)
+            return IncLockRefResult(delta=0)
         handle = TreeHandle(node)
         with self._tracked(node) as tree:
             if tree is not None:
@@ -292,6 +321,9 @@ class HoleRadixCache(BasePrefixCache):
 
     def dec_lock_ref(self, node: Any, params: Any = None) -> DecLockRefResult:
         """Release one ``inc_lock_ref`` of ``node``; ``RuntimeError`` if it holds none (double unlock)."""
+        if isinstance(node, ChunkMatch):
+            self.chunks.unlock(node)
+            return DecLockRefResult(delta=0)
         handles = self._ref_locks.get(id(node))
         if not handles:
             raise RuntimeError("dec_lock_ref on a node without a matching inc_lock_ref")

@@ -3,18 +3,18 @@
 A request whose ``kv_hints`` carry a ``sglang_holes.chunks`` action (validated at
 entry, ``patches/tokenizer_manager.py``) runs in chunk mode:
 
-* ``match_prefix`` reports no cached prefix and never reads the exact tree: chunk
-  KV is approximate and must not mix with exact prefixes (nor ever be inserted into
-  the tree: ``checkpoint`` stores chunks in the ``ChunkStore`` instead);
-* ``admit`` (before ``prepare_for_extend`` allocates) looks up each chunk by content
-  in the request's namespace (extra key, cache salt) and locks the hits, so
-  allocation's eviction cannot take them;
-* ``place`` (after it) copies each hit into the request's slots, K re-rotated by the
-  position delta (``sglang_holes.chunks.kv_copy``), or borrows the entry's slots when the
-  offset is unchanged; then the policy picks the tokens to recompute (``chunks.py``,
-  ``deviation.py``), which become holes of the one segmented prefill;
-* ``checkpoint`` hands the slots of chunks this request computed to the store (they
-  stay in the request's row, locked, until it is released).
+* ``match`` (from ``HoleRadixCache.match_prefix``, before SGLang admits the request) looks
+  up each chunk by content in the request's namespace (extra key, cache salt), and plans
+  the reuse (``chunks/placement.ChunkFill``): which positions read a stored chunk in place,
+  which get a re-rotated copy, which the policy recomputes (``deviation`` scores the stored
+  KV as it would be placed). SGLang is shown the in-place positions as the prefix and the
+  rest as the extend (virtual order, ``patches/request_holes.HoleFill``), so it budgets,
+  chunks (chunked prefill) and allocates only those; its admission lock on the returned
+  ``ChunkMatch`` pins the entries read.
+* each extend (``patches/schedule_batch.py``) copies its copied positions with K re-rotated
+  by the position delta (``copy_in``) and computes the rest;
+* the exact tree is never read nor written (chunk KV is approximate): ``checkpoint`` hands
+  chunks the request computed to the store instead (``store_computed``).
 
 The store's slots count in the cache's sizes and compete with the trees' for
 eviction (``HoleRadixCache.evict``).
@@ -28,18 +28,28 @@ from typing import Any
 
 import torch
 
-from sglang_holes.cache.extend_plan import ExtendPlan, plan_extend
 from sglang_holes.chunks.deviation import ProbeWeights, deviation_scores
-from sglang_holes.chunks.hints import recompute_mask
+from sglang_holes.chunks.hints import ChunkHints, recompute_mask
 from sglang_holes.chunks.kv_copy import copy_rerotated
-from sglang_holes.chunks.placement import borrowed_writes, plan_chunk_placement
-from sglang_holes.chunks.rope import RopeSpec
+from sglang_holes.chunks.placement import ChunkFill, plan_chunk_fill
+from sglang_holes.chunks.rope import RopeSpec, rerotate
 from sglang_holes.chunks.state import ChunkState
-from sglang_holes.chunks.store import ChunkStore
+from sglang_holes.chunks.store import ChunkEntry, ChunkStore
 from sglang_holes.hf_config import attention_dims
-from sglang_holes.patches.request_holes import holes_of
+from sglang_holes.patches.request_holes import HoleFill, holes_of
 
 logger = logging.getLogger("sglang_holes")
+
+
+class ChunkMatch:
+    """``req.last_node`` of a chunk request that reuses stored chunks: SGLang's admission lock on
+    it (``HoleRadixCache.lock``) pins the store entries the request reads."""
+
+    __slots__ = ("entries", "lock_ref")
+
+    def __init__(self, entries: tuple[ChunkEntry, ...]) -> None:
+        self.entries = entries
+        self.lock_ref = 0
 
 
 class ChunkReuse:
@@ -57,99 +67,107 @@ class ChunkReuse:
         """Forget every chunk (``flush_cache``: SGLang has already freed every slot)."""
         self.store = ChunkStore()
 
-    # ----------------------------------------------------------------- admission
+    # ----------------------------------------------------------------- matching
 
-    def admit(self, req: Any, room: int) -> int:
-        """Look up and lock the request's chunks; returns the tokens newly pinned.
+    def match(self, req: Any, max_prefix: int, room: int) -> HoleFill | None:
+        """Plan a waiting chunk request's reuse; None: it reuses nothing (computes every position).
 
-        ``room``: slots the batch can still find beyond what it allocates; hits that
-        would pin more are dropped (recomputed instead). No reuse for requests SGLang
-        prefills in pieces (chunked prefill).
+        ``max_prefix``: the most positions SGLang lets a match cover; ``room``: slots the pool
+        can still give (free + evictable). A plan whose extend plus the entries it would pin
+        exceeds ``room`` is not used this round (the request would otherwise wait for memory it
+        cannot get). The plan is kept while the request waits and the store returns the same entries.
         """
         rec = holes_of(req)
-        if rec.chunk is not None and req.prefix_len:
-            return 0  # a later piece of a chunked prefill: keep what the earlier pieces stored
-        self.release(req)
         hints = rec.chunk_hints
         ns = (req.extra_key, req.cache_salt)
-        st = ChunkState(hints, ns, [None] * len(hints.chunks))
-        rec.chunk = st
         ids = req.origin_input_ids
-        whole = req.extend_end == len(req.full_untruncated_fill_ids) and not req.prefix_len
-        if not hasattr(self.allocator.get_kvcache(), "k_buffer") or not whole:
-            return 0
-        pinned = 0
-        for j, (s, e) in enumerate(hints.chunks):
-            entry = self.store.lookup(ids[s:e], ns)
-            if entry is None:
-                continue
-            extra = 0 if entry.lock_ref else len(entry)
-            if pinned + extra > room:
-                continue
-            self.store.lock(entry)
-            st.locked.append(entry)
-            st.hits[j] = entry
-            pinned += extra
-        return pinned
-
-    # ----------------------------------------------------------------- placement
-
-    def place(self, req: Any, pool: Any, slots: torch.Tensor) -> ExtendPlan | None:
-        """Plan a chunk request's extend after stock allocation (``slots``: its slots for positions
-        ``0..n-1``); None when the store had none of its chunks.
-
-        The re-rotating KV copies run here, before the plan is returned: the ``deviation``
-        policy scores the placed KV. The row writes and lock changes wait for ``commit``.
-        """
-        st = holes_of(req).chunk
-        if st is None or not any(e is not None for e in st.hits):
+        n = len(req.full_untruncated_fill_ids)
+        usable = hasattr(self.allocator.get_kvcache(), "k_buffer") and n == len(ids)  # retracted: prompt only
+        hits = [self.store.get(ids[s:e], ns) if usable else None for s, e in hints.chunks]
+        st = rec.chunk
+        if st is None or st.locked or any(a is not b for a, b in zip(st.hits, hits, strict=True)):
+            st = ChunkState(hints, ns, hits, self._plan(req, hints, hits, n))
+            rec.chunk = st
+        plan = st.plan
+        if plan is None:
             return None
-        n = slots.numel()
-        slots_cpu = slots.to("cpu", torch.int64)
-        placement = plan_chunk_placement(st.hints.chunks, st.hits, slots_cpu)
-        for c in placement.copies:
-            copy_rerotated(pool.k_buffer, pool.v_buffer, c.src, c.dst, c.delta, self.rope)
-        keep = self._recompute(req, st, pool, placement.cached, n)
-        start = _input_logprob_start(req, n)
-        if start is not None:  # input logprobs need those positions' logits: recompute them
-            keep[start:] = True
-        return plan_extend(0, keep, slots, borrowed_writes(keep, placement.cached, slots_cpu),
-                           0 if start is None else n - start)
+        entries = tuple({id(e): e for e in hits if e is not None}.values())
+        borrowed = int(plan.borrowed.sum())
+        pin = sum(len(e) for e in entries if not e.lock_ref)
+        if borrowed > max_prefix or plan.order.numel() + pin > room:
+            return None
+        return HoleFill(0, borrowed, plan.segments(), ChunkMatch(entries), chunk=plan)
 
-    def _recompute(self, req: Any, st: ChunkState, pool: Any, cached: torch.Tensor, n: int) -> torch.Tensor:
-        reused = [e is not None for e in st.hits]
-        if st.hints.policy != "deviation":
-            return recompute_mask(n, st.hints, reused)
+    def _plan(self, req: Any, hints: ChunkHints, hits: list[ChunkEntry | None], n: int) -> ChunkFill | None:
+        reused = [e is not None for e in hits]
+        if not any(reused):
+            return None
         try:
-            return recompute_mask(n, st.hints, reused, self._deviation(req, pool, cached))
+            scores = self._deviation(req, hints, hits, n) if hints.policy == "deviation" else None
+            recompute = recompute_mask(n, hints, reused, scores, _input_logprob_start(req, n))
         except Exception:  # validated at entry; never take the scheduler down over a score
-            logger.exception("deviation probe failed; request %s recomputes its chunks", req.rid)
-            return torch.ones(n, dtype=torch.bool)
+            logger.exception("chunk reuse planning failed; request %s recomputes its chunks", req.rid)
+            return None
+        return None if bool(recompute.all()) else plan_chunk_fill(hints.chunks, hits, recompute)
 
-    def commit(self, req: Any, plan: ExtendPlan) -> None:
-        """Entries read through borrowed slots stay locked until release; copied ones are done."""
-        st = holes_of(req).chunk
-        borrowed = torch.zeros(plan.seq_len, dtype=torch.bool)
-        for s, e in plan.borrowed:
-            borrowed[s:e] = True
-        for entry in st.locked:
-            self.store.unlock(entry)
-        st.locked = [entry for (s, e), entry in zip(st.hints.chunks, st.hits, strict=True)
-                     if entry is not None and bool(borrowed[s:e].any())]
-        for entry in st.locked:
-            self.store.lock(entry)
-        st.handled.update(j for j, e in enumerate(st.hits) if e is not None)
-        st.reused_tokens = plan.reused
-
-    def _deviation(self, req: Any, pool: Any, cached: torch.Tensor) -> torch.Tensor:
+    def _deviation(self, req: Any, hints: ChunkHints, hits: list[ChunkEntry | None], n: int) -> torch.Tensor:
+        """Scores of the stored layer-1 KV as it would be placed (K re-rotated) against the probe's."""
         if self._probe is None:
             if self._probe_loader is None:
                 raise ValueError("the deviation policy is not available on this server")
             self._probe = self._probe_loader()
-        ids = torch.tensor(req.origin_input_ids, dtype=torch.int64)
-        full_k, full_v = self._probe.layer1_kv(ids)
-        slots = cached.to(pool.k_buffer[1].device)
-        return deviation_scores(full_k, full_v, pool.k_buffer[1][slots], pool.v_buffer[1][slots])
+        full_k, full_v = self._probe.layer1_kv(torch.tensor(req.origin_input_ids, dtype=torch.int64))
+        pool = self.allocator.get_kvcache()
+        kb, vb = pool.k_buffer[1], pool.v_buffer[1]
+        placed_k, placed_v = torch.zeros_like(full_k), torch.zeros_like(full_v)
+        for (s, e), entry in zip(hints.chunks, hits, strict=True):
+            if entry is None:
+                continue
+            slots = entry.slots.to(kb.device)
+            k = kb[slots]
+            delta = s - entry.offset
+            placed_k[s:e] = (rerotate(k, delta, self.rope) if delta else k).to(placed_k)
+            placed_v[s:e] = vb[slots].to(placed_v)
+        return deviation_scores(full_k, full_v, placed_k, placed_v)
+
+    # ----------------------------------------------------------------- locks and copies
+
+    def lock(self, match: ChunkMatch) -> None:
+        for entry in match.entries:
+            self.store.lock(entry)
+        match.lock_ref += 1
+
+    def unlock(self, match: ChunkMatch) -> None:
+        if match.lock_ref <= 0:
+            raise RuntimeError("unlock of a chunk match that holds no lock (unlocked twice?)")
+        match.lock_ref -= 1
+        for entry in match.entries:
+            self.store.unlock(entry)
+
+    def borrowed_entries(self, req: Any) -> ChunkMatch:
+        """The entries a request whose prefill is complete still reads (in place, until release)."""
+        st = holes_of(req).chunk
+        plan = st.plan
+        keep = [e for (s, end), e in zip(st.hints.chunks, st.hits, strict=True)
+                if e is not None and bool(plan.borrowed[s:end].any())]
+        return ChunkMatch(tuple({id(e): e for e in keep}.values()))
+
+    def copy_in(self, plan: ChunkFill, positions: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the stored KV of copied ``positions`` (int64) into slots ``dst``, K re-rotated."""
+        src, delta = plan.src[positions], plan.delta[positions]
+        for d in delta.unique().tolist():
+            sel = delta == d
+            pool = self.allocator.get_kvcache()
+            copy_rerotated(pool.k_buffer, pool.v_buffer, src[sel], dst[sel.to(dst.device)], int(d), self.rope)
+
+    def committed(self, req: Any, reused: int) -> None:
+        """A chunk request's first extend ran: its hits are reused (never stored again), recency refreshed."""
+        st = holes_of(req).chunk
+        for j, entry in enumerate(st.hits):
+            if entry is not None:
+                st.handled.add(j)
+                self.store.lookup(entry.tokens, entry.namespace)
+        st.reused_tokens = reused
 
     def read(self, tokens: list[int], namespace: Hashable, layer: int, offset: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -206,11 +224,11 @@ class ChunkReuse:
 
     def release(self, req: Any) -> None:
         """Unlock what the request holds (finish, abort, retraction)."""
-        st = holes_of(req).chunk
-        if st is not None:
-            for entry in st.locked:
+        rec = holes_of(req)
+        if rec.chunk is not None:
+            for entry in rec.chunk.locked:
                 self.store.unlock(entry)
-            st.locked.clear()
+        rec.chunk = None
 
 
 def _input_logprob_start(req: Any, n: int) -> int | None:

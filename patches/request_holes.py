@@ -13,6 +13,7 @@ import torch
 
 from sglang_holes.cache.node import Segment
 from sglang_holes.chunks.hints import ChunkHints
+from sglang_holes.chunks.placement import ChunkFill
 from sglang_holes.chunks.state import ChunkState
 from sglang_holes.patches.kv_hints import find_chunk_hints
 
@@ -21,31 +22,41 @@ ATTR = "holes"
 
 @dataclass
 class HoleFill:
-    """A hole request from its match to the end of its prefill (possibly several chunks).
+    """A request with reused KV from its match to the end of its prefill (possibly several chunks).
 
-    SGLang is shown ``reused`` (R, every cached token of the match) as the request's prefix,
-    so admission, chunking and allocation count only the missing tokens; see
-    ``sglang_holes.cache.extend_plan.HoleChunk`` for the virtual order this implies.
+    SGLang is shown ``reused`` (R) as the request's prefix, so admission, chunking and
+    allocation count only the other positions; see ``sglang_holes.cache.extend_plan`` for the
+    virtual order this implies. Two kinds: a hole request (KV from the tree beyond a hole) and a
+    chunk request reusing chunks (``chunk`` set: KV from the chunk store).
 
-    prefix_len: P0, the leading cached run (the tree owns row ``[0, P0)``: SGLang's
-        ``cache_protected_len``). node: the deepest cached node, locked by admission (pins
-        every reused span until the fill's last checkpoint). missing / row: set by the first
-        extend: the missing positions, and the request's row in real position order (reused
-        and computed slots; 0, a padding slot, where nothing is computed yet), on the row's device.
+    prefix_len: P0, the leading run of the row the tree owns (SGLang's ``cache_protected_len``;
+        0 for a chunk request). segments: the reused spans with their slots, in position order
+        (R tokens in all). node: SGLang's ``req.last_node``, locked by admission: it pins every
+        reused span until the fill's last checkpoint (a tree node; for chunks a ``ChunkMatch``).
+    order / row: set by the first extend: the extend positions in virtual order (holes and tail;
+        chunk copies too), and the request's row in real position order (reused and computed
+        slots; 0, a padding slot, where nothing is computed yet), on the row's device.
     """
 
     prefix_len: int
     reused: int
     segments: tuple[Segment, ...]
     node: Any
-    missing: torch.Tensor | None = None
+    chunk: ChunkFill | None = None
+    order: torch.Tensor | None = None
     row: torch.Tensor | None = None
     computed: int = 0
 
     @property
     def virtual_prefix(self) -> int:
-        """The prefix SGLang tracks for this request: reused plus computed tokens."""
+        """The prefix SGLang tracks for this request: reused plus covered positions."""
         return self.reused + self.computed
+
+    def first_uncomputed(self) -> int | None:
+        """The first prompt position without KV yet (None: the prefill is complete or not started)."""
+        if self.order is None or self.computed >= self.order.numel():
+            return None
+        return int(self.order[self.computed])
 
 
 @dataclass

@@ -1,27 +1,25 @@
-"""Extend batches with holes: the ``ScheduleBatch.prepare_for_extend`` hooks (plan, then commit).
+"""Extend batches with reused KV: the ``ScheduleBatch.prepare_for_extend`` hook (plan, then commit).
 
-A request whose cached path has holes (``HoleRadixCache.match_prefix`` left a
-``HoleMatch`` in ``req.holes``) is admitted by SGLang as if only its leading cached run
-``[0, P0)`` were cached: stock ``prepare_for_extend`` allocates ``n - P0`` new slots and
-writes ``row[P0:n]`` with them. The AFTER hook turns it into a hole request in two steps:
+A request with reused KV beyond its leading cached run (a hole request: ``HoleRadixCache.
+match_prefix`` left a ``HoleFill`` in ``req.holes``; or a chunk request reusing stored chunks,
+``patches/radix_cache_chunks.py``) was admitted by SGLang in *virtual order*: its ``R`` reused
+tokens as the prefix, then its other positions (``sglang_holes.cache.extend_plan``). Stock
+``prepare_for_extend`` allocated one slot per extend position and wrote the row in virtual
+order. The AFTER hook turns each such extend into what it really is, in two steps:
 
-1. **plan** (pure, ``sglang_holes.cache.extend_plan``): per request, an ``ExtendPlan``:
-   which positions reuse KV (the tree's slots, borrowed; or chunk KV placed by
-   ``ChunkReuse.place``), which are recomputed, which allocated slots are surplus;
-2. **commit** (``_commit``, the only step that mutates the batch): row writes, the
-   compacted ``input_ids`` / ``out_cache_loc`` (missing tokens only, in position order),
-   ``extend_lens = m``, ``prefix_lens = n - m`` (a virtual prefix that keeps
-   ``seq = prefix + extend``), ``cached_tokens``, counters, freeing the surplus, and
-   ``batch.holes`` = every query's original position (stock requests:
-   ``arange(prefix, seq)``), which the ForwardBatch hook hands to the model as
-   ``positions`` (RoPE, and the attention backend's ``HolePlan``).
+1. **plan** (pure, ``sglang_holes.cache.extend_plan.plan_hole_chunk``): per request, which
+   real positions this extend covers, and which of them are queries (the rest get chunk KV
+   copied into their slots);
+2. **commit** (``_commit``, the only step that mutates the batch): the row rewritten in real
+   position order, chunk copies, the compacted ``input_ids`` / ``out_cache_loc`` (queries only),
+   ``extend_lens`` / ``prefix_lens`` (a virtual prefix that keeps ``seq = prefix + extend``),
+   input-logprob target ids, counters and ``meta_info``, and ``batch.holes`` = every query's
+   original position (stock requests: ``arange(prefix, seq)``), which the ForwardBatch hook
+   hands to the model as ``positions`` (RoPE, and the attention backend's ``HolePlan``).
 
-Chunk-mode requests (RAG, ``patches/radix_cache_chunks.py``) take the same route: the
-BEFORE hook looks up and locks their chunks before allocation.
-
-Requests the hook does not cover take SGLang's stock path (recompute from the first
-hole; correct output) and are counted as fallbacks: chunked prefill, multimodal
-inputs, input embeddings, positional overrides, input logprobs.
+Requests the hook does not cover take SGLang's stock path (recompute from the first hole;
+correct output) and are counted as fallbacks: multimodal inputs, input embeddings,
+positional overrides, input logprobs of a hole request.
 """
 
 from __future__ import annotations
@@ -32,11 +30,11 @@ from typing import Any
 import torch
 
 from sglang_holes.attention.plan import spans_from_positions
-from sglang_holes.cache.extend_plan import ExtendPlan, HoleChunk, missing_positions, plan_hole_chunk
+from sglang_holes.cache.extend_plan import HoleChunk, missing_positions, plan_hole_chunk
 from sglang_holes.patches.forward_batch import BATCH_ATTR
 from sglang_holes.patches.meta_info import record_chunk_reuse, record_recomputed
 from sglang_holes.patches.radix_cache import HoleRadixCache
-from sglang_holes.patches.request_holes import holes_of
+from sglang_holes.patches.request_holes import HoleFill, holes_of
 
 
 def _holes_cache(batch: Any) -> HoleRadixCache | None:
@@ -44,32 +42,12 @@ def _holes_cache(batch: Any) -> HoleRadixCache | None:
     return tree if isinstance(tree, HoleRadixCache) and not batch.is_dllm() else None
 
 
-def before_prepare_for_extend(batch: Any, *_: Any, **__: Any) -> None:
-    """Chunk requests look up and lock their chunks before allocation can evict them."""
-    tree = _holes_cache(batch)
-    if tree is None or tree.chunks is None:
-        return
-    chunk_reqs = [r for r in batch.reqs if holes_of(r).chunk_hints is not None]
-    if not chunk_reqs:
-        return
-    # Admission budgeted every extend token; pinning hits must leave that much allocatable.
-    need = sum(r.extend_end - r.prefix_len for r in batch.reqs)
-    room = tree.token_to_kv_pool_allocator.available_size() + tree.evictable_size() - need
-    for req in chunk_reqs:
-        room -= tree.chunks.admit(req, max(room, 0))
-
-
-def _plan_request(tree: HoleRadixCache, req: Any, slots: torch.Tensor) -> ExtendPlan | HoleChunk | None:
-    """The request's plan (None: stock extend)."""
+def _plan_request(tree: HoleRadixCache, req: Any, slots: torch.Tensor) -> HoleChunk | None:
+    """The request's plan for this extend (None: stock extend)."""
     rec = holes_of(req)
     if rec.fallback:  # KV beyond a hole it cannot use (see match_prefix): count once, when scheduled
         rec.fallback = False
         tree.count("fallbacks")
-    if rec.chunk is not None and tree.chunks is not None:
-        plan = tree.chunks.place(req, tree.token_to_kv_pool_allocator.get_kvcache(), slots)
-        if plan is None:  # nothing reused: still report the chunk request (committed plans report theirs)
-            record_chunk_reuse(req, rec.chunk)
-        return plan
     fill = rec.fill
     if fill is None:
         return None
@@ -79,11 +57,13 @@ def _plan_request(tree: HoleRadixCache, req: Any, slots: torch.Tensor) -> Extend
         rec.fill = None
         return None
     if req.prefix_len != fill.virtual_prefix:  # a later chunk must continue where the last one ended
-        raise RuntimeError(f"request {req.rid}: SGLang resumed a hole fill at {req.prefix_len}, "
+        raise RuntimeError(f"request {req.rid}: SGLang resumed a fill at {req.prefix_len}, "
                            f"expected {fill.virtual_prefix}")
-    if fill.missing is None:
-        fill.missing = missing_positions(fill.segments, len(req.full_untruncated_fill_ids))
-    return plan_hole_chunk(fill.missing, fill.computed, int(slots.numel()))
+    if fill.order is None:
+        n = len(req.full_untruncated_fill_ids)
+        fill.order = fill.chunk.order if fill.chunk is not None else missing_positions(fill.segments, n)
+    return plan_hole_chunk(fill.order, fill.computed, int(slots.numel()),
+                           None if fill.chunk is None else fill.chunk.copied)
 
 
 def after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> Any:
@@ -98,57 +78,52 @@ def after_prepare_for_extend(result: Any, batch: Any, *_: Any, **__: Any) -> Any
         for i, req in enumerate(batch.reqs):
             pre = batch.prefix_lens[i]
             record_recomputed(req, [(pre, pre + batch.extend_lens[i])])
+            _count_plain_chunk_request(tree, req, pre)
         return result
     _commit(tree, batch, plans, starts)
     return result
 
 
-def _commit(tree: HoleRadixCache, batch: Any, plans: list[ExtendPlan | HoleChunk | None], starts: list[int]) -> None:
+def _commit(tree: HoleRadixCache, batch: Any, plans: list[HoleChunk | None], starts: list[int]) -> None:
     """Apply the plans to the batch (the one step that mutates it)."""
     ids_cpu, out = batch.prefill_input_ids_cpu, batch.out_cache_loc
-    new_ids, new_out, positions, surplus = [], [], [], []
+    new_ids, new_out, positions, logprob_ids = [], [], [], _LogprobTargets(batch)
     for i, (req, plan) in enumerate(zip(batch.reqs, plans, strict=True)):
         ids_i, out_i = ids_cpu[starts[i] : starts[i + 1]], out[starts[i] : starts[i + 1]]
         pre, ext = batch.prefix_lens[i], batch.extend_lens[i]
-        if isinstance(plan, HoleChunk):
-            new_ids.append(_commit_hole_chunk(tree, batch, req, plan, out_i))
-            new_out.append(out_i)
-            positions.append(plan.positions)
-            continue
         if plan is None:
             new_ids.append(ids_i)
             new_out.append(out_i)
             positions.append(torch.arange(pre, pre + ext, dtype=torch.int64))
             record_recomputed(req, [(pre, pre + ext)])
+            _count_plain_chunk_request(tree, req, pre)
             continue
-        row = batch.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
-        for w in plan.row_writes:
-            row[w.start : w.end] = w.slots.to(row.device, row.dtype)
-        new_ids.append(ids_i[plan.keep])
-        new_out.append(out_i[plan.keep.to(out_i.device)])
-        positions.append(plan.positions)
-        surplus.append(plan.surplus)
-        m = plan.recomputed
-        batch.extend_lens[i] = m
-        batch.prefix_lens[i] = plan.seq_len - m
-        batch.extend_logprob_start_lens[i] = m - plan.logprob_tail
-        req.cached_tokens += plan.reused - pre
-        tree.borrowed[req.kv.req_pool_idx] = list(plan.borrowed)
-        record_recomputed(req, plan.missing)
-        _count_chunk_request(tree, req, plan)
-    freed = torch.cat(surplus) if surplus else None
-    if freed is not None and freed.numel():
-        tree.token_to_kv_pool_allocator.free(freed)
+        fill = holes_of(req).fill
+        q = plan.query
+        new_ids.append(_commit_fill_extend(tree, batch, req, plan, out_i)[q])
+        new_out.append(out_i[q.to(out_i.device)])
+        positions.append(plan.queries)
+        nq = int(q.sum())
+        if nq != ext:  # chunk copies are not queries: SGLang's forward sees the queries only
+            batch.extend_lens[i] = nq
+            batch.prefix_lens[i] = pre + ext - nq
+        if fill.chunk is not None:
+            batch.extend_logprob_start_lens[i] = logprob_ids.replace(i, req, plan.queries)
+        if plan.last and fill.chunk is not None:
+            tree.unlock(req.lock)  # copies are done: keep only the entries read in place
+            req.lock = tree.lock(tree.chunks.borrowed_entries(req))
     batch.prefill_input_ids_cpu = torch.cat(new_ids)
     batch.out_cache_loc = torch.cat(new_out)
     batch.extend_num_tokens = int(sum(batch.extend_lens))
+    logprob_ids.commit()
     setattr(batch, BATCH_ATTR, torch.cat(positions))
 
 
-def _commit_hole_chunk(tree: HoleRadixCache, batch: Any, req: Any, chunk: HoleChunk, slots: torch.Tensor
-                       ) -> torch.Tensor:
-    """One extend of a hole request: its slots go to their real positions and the row is rewritten
-    in position order (SGLang wrote it in virtual order). Returns the extend's token ids."""
+def _commit_fill_extend(tree: HoleRadixCache, batch: Any, req: Any, chunk: HoleChunk, slots: torch.Tensor
+                        ) -> torch.Tensor:
+    """One extend of a fill: chunk KV copied into the slots of its copied positions, every slot to its
+    real position, the row rewritten in position order (SGLang wrote it in virtual order); counters
+    and ``meta_info``. Returns the token ids of the extend's positions."""
     fill = holes_of(req).fill
     row = batch.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
     n = len(req.full_untruncated_fill_ids)
@@ -157,22 +132,83 @@ def _commit_hole_chunk(tree: HoleRadixCache, batch: Any, req: Any, chunk: HoleCh
         for g in fill.segments:
             if g.slots is not None:
                 fill.row[g.start : g.end] = g.slots.to(row.device, row.dtype)
+    if chunk.copies:
+        copy = ~chunk.query
+        tree.chunks.copy_in(fill.chunk, chunk.positions[copy], slots[copy.to(slots.device)])
     fill.row[chunk.positions.to(row.device)] = slots.to(row.dtype)
     row[:n] = fill.row
     fill.computed += int(chunk.positions.numel())
     reused_beyond = [(g.start, g.end) for g in fill.segments if g.slots is not None and g.end > fill.prefix_len]
-    # Never freed with the request's row: the tree's reused spans, and positions not computed yet.
+    # Never freed with the request's row: the reused spans, and positions not computed yet.
     tree.borrowed[req.kv.req_pool_idx] = sorted(reused_beyond + list(chunk.uncomputed))
     record_recomputed(req, list(chunk.spans), continued=not chunk.first)
-    if getattr(req, "retracted_stain", False):
-        return _token_ids(req)[chunk.positions]  # a re-prefill after a retraction is not a new hole request
+    stained = getattr(req, "retracted_stain", False)  # a re-prefill after a retraction is not a new request
+    if fill.chunk is not None:
+        _count_chunk_extend(tree, req, fill, chunk, stained)
+    elif not stained:
+        _count_hole_extend(tree, fill, chunk, n)
+    return _token_ids(req)[chunk.positions]
+
+
+def _count_hole_extend(tree: HoleRadixCache, fill: HoleFill, chunk: HoleChunk, n: int) -> None:
     if chunk.first:
         tree.count("hole_requests")
         tree.count("reused_tokens", fill.reused)
     tree.count("recomputed_tokens", int(chunk.positions.numel()))
     if chunk.last:
-        tree.count("hole_spans_filled", sum(1 for _, e in spans_from_positions(fill.missing.tolist()) if e < n))
-    return _token_ids(req)[chunk.positions]
+        tree.count("hole_spans_filled", sum(1 for _, e in spans_from_positions(fill.order.tolist()) if e < n))
+
+
+def _count_chunk_extend(tree: HoleRadixCache, req: Any, fill: HoleFill, chunk: HoleChunk, stained: bool) -> None:
+    """SGLang counted the in-place prefix as cached; the copies count too (cached + recomputed = prompt)."""
+    st = holes_of(req).chunk
+    if chunk.first:
+        tree.chunks.committed(req, fill.chunk.reused)
+    forced = int((fill.chunk.copied[chunk.positions] & chunk.query).sum())  # a copy computed instead
+    st.reused_tokens -= forced
+    if not stained:
+        req.cached_tokens += chunk.copies
+        if chunk.first:
+            tree.count("chunk_requests")
+        tree.count("chunk_reused_tokens", (fill.reused if chunk.first else 0) + chunk.copies)
+    record_chunk_reuse(req, st)
+
+
+def _count_plain_chunk_request(tree: HoleRadixCache, req: Any, prefix_len: int) -> None:
+    """A chunk request that reuses nothing: reported and counted at its first extend."""
+    st = holes_of(req).chunk
+    if st is None or prefix_len or tree.chunks is None:
+        return
+    record_chunk_reuse(req, st)
+    if not getattr(req, "retracted_stain", False):
+        tree.count("chunk_requests")
+
+
+class _LogprobTargets:
+    """``batch.extend_input_logprob_token_ids`` rebuilt for extends whose queries are not SGLang's
+    virtual positions: the next prompt token of each query from the first logprob position on."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+        self.old = batch.extend_input_logprob_token_ids if batch.return_logprob else None
+        counts = [e - s for e, s in zip(batch.extend_lens, batch.extend_logprob_start_lens, strict=True)]
+        self.bounds = [0, *itertools.accumulate(counts)]
+        self.parts: dict[int, torch.Tensor] = {}
+
+    def replace(self, i: int, req: Any, queries: torch.Tensor) -> int:
+        """Targets of request ``i``'s queries; returns its new ``extend_logprob_start_len``."""
+        ids = req.origin_input_ids
+        start = len(ids) if req.logprob_start_len == -1 else req.logprob_start_len
+        wanted = queries[queries >= start].tolist() if req.return_logprob else []
+        self.parts[i] = torch.tensor([ids[p + 1] if p + 1 < len(ids) else 0 for p in wanted], dtype=torch.int64)
+        return int(queries.numel()) - len(wanted)
+
+    def commit(self) -> None:
+        if self.old is None or not self.parts:
+            return
+        out = [self.parts.get(i, self.old[a:b]) for i, (a, b) in enumerate(itertools.pairwise(self.bounds))]
+        self.batch.extend_input_logprob_token_ids = torch.cat(out).to(self.old.dtype).clamp_(
+            0, self.batch.model_config.vocab_size - 1)
 
 
 def _token_ids(req: Any) -> torch.Tensor:
@@ -181,10 +217,3 @@ def _token_ids(req: Any) -> torch.Tensor:
         return torch.frombuffer(ids, dtype=torch.int64)
     except (TypeError, ValueError):
         return torch.tensor(list(ids), dtype=torch.int64)
-
-
-def _count_chunk_request(tree: HoleRadixCache, req: Any, plan: ExtendPlan) -> None:
-    tree.chunks.commit(req, plan)
-    record_chunk_reuse(req, holes_of(req).chunk)
-    tree.count("chunk_requests")
-    tree.count("chunk_reused_tokens", plan.reused)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_holes.cache.extend_plan import RowWrite, missing_positions, plan_extend, plan_hole_chunk
+from sglang_holes.cache.extend_plan import missing_positions, plan_hole_chunk
 from sglang_holes.cache.node import Segment
-from sglang_holes.chunks.hints import ChunkHints, recompute_mask
-from sglang_holes.chunks.placement import borrowed_writes, plan_chunk_placement
+from sglang_holes.chunks.hints import ChunkHints, recompute_mask, reused_count
+from sglang_holes.chunks.placement import plan_chunk_fill
 from sglang_holes.chunks.store import ChunkStore
 
 T = torch.tensor
@@ -52,33 +52,55 @@ def test_hole_chunk_bounds():
         plan_hole_chunk(missing, 4, 1)
 
 
-def test_bad_plans_are_refused():
-    keep = torch.tensor([True, False, True])
-    with pytest.raises(ValueError, match="covers a recomputed position"):
-        plan_extend(0, keep, torch.arange(3), [RowWrite(0, 2, T([8, 9]))])
-    with pytest.raises(ValueError, match="allocated slots"):
-        plan_extend(0, keep, torch.arange(4), [RowWrite(1, 2, T([9]))])
-    with pytest.raises(ValueError, match="does not fit"):
-        plan_extend(0, keep, torch.arange(3), [RowWrite(1, 3, T([9]))])
-
-
-def test_chunk_placement_copies_moved_chunks_and_borrows_unmoved_ones():
+def _fill():
     store = ChunkStore()
     a, _ = store.insert([1, 2, 3], T([40, 41, 42]), 4, "ns")  # stored at offset 4
     b, _ = store.insert([7, 8], T([50, 51]), 1, "ns")  # stored at offset 1
     # Prompt: BOS | chunk b at [1, 3) (same offset) | chunk a at [3, 6) (moved by -1) | question [6, 8)
-    slots = torch.arange(200, 208)
-    placement = plan_chunk_placement([(1, 3), (3, 6)], [b, a], slots)
-    assert placement.reused == (True, True)
-    assert len(placement.copies) == 1 and placement.copies[0].delta == -1
-    assert placement.copies[0].dst.tolist() == [203, 204, 205]
-    assert placement.cached.tolist() == [200, 50, 51, 203, 204, 205, 206, 207]
     hints = ChunkHints(((1, 3), (3, 6)), "first_k", k=1)
-    keep = recompute_mask(8, hints, [True, True])
-    writes = borrowed_writes(keep, placement.cached, slots)
-    assert [(w.start, w.end, w.slots.tolist()) for w in writes] == [(2, 3, [51])]  # b's first token recomputed
-    plan = plan_extend(0, keep, slots, writes)
-    assert plan.positions.tolist() == [0, 1, 3, 6, 7]  # BOS, each chunk's first token, the question
-    assert plan.surplus.tolist() == [202]  # only position 2 borrows; copied-into slots stay the request's
-    assert plan.reused == 3 and plan.borrowed == ((2, 3),)
+    return plan_chunk_fill(hints.chunks, [b, a], recompute_mask(8, hints, [True, True]))
 
+
+def test_chunk_fill_borrows_unmoved_chunks_and_copies_moved_ones():
+    fill = _fill()
+    assert fill.recompute.nonzero().flatten().tolist() == [0, 1, 3, 6, 7]  # BOS, each chunk's first token, question
+    assert fill.borrowed.nonzero().flatten().tolist() == [2]  # b's second token, read in place
+    assert fill.copied.nonzero().flatten().tolist() == [4, 5]  # a moved: copied, K re-rotated by -1
+    assert fill.src.tolist() == [-1, -1, 51, -1, 41, 42, -1, -1]
+    assert fill.delta.tolist() == [0, 0, 0, 0, -1, -1, 0, 0]
+    assert [(g.start, g.end, g.slots.tolist()) for g in fill.segments()] == [(2, 3, [51])]
+    assert fill.order.tolist() == [0, 1, 3, 4, 5, 6, 7] and fill.reused == 3
+
+
+def test_chunk_fill_in_virtual_order_copies_then_computes_each_extend():
+    """SGLang admits the in-place position as the prefix and chunks the rest (copies included) by
+    its budget; each extend copies its copied positions and computes the others."""
+    fill = _fill()
+    pieces, done = [], 0
+    for size in (3, 2, 2):
+        pieces.append(plan_hole_chunk(fill.order, done, size, fill.copied))
+        done += size
+    assert [p.positions.tolist() for p in pieces] == [[0, 1, 3], [4, 5], [6, 7]]
+    assert [p.queries.tolist() for p in pieces] == [[0, 1, 3], [5], [6, 7]]  # [4, 5]: no query: 5 computed
+    assert [p.copies for p in pieces] == [0, 1, 0]
+    assert pieces[1].spans == ((5, 6),) and pieces[2].last
+
+
+def test_chunk_fill_refuses_reuse_outside_stored_chunks():
+    store = ChunkStore()
+    a, _ = store.insert([1, 2, 3], T([40, 41, 42]), 0)
+    with pytest.raises(ValueError, match="entry of 3 tokens"):
+        plan_chunk_fill([(0, 2)], [a], torch.tensor([False, True]))
+    with pytest.raises(ValueError, match="outside every stored chunk"):
+        plan_chunk_fill([(0, 3)], [a], torch.tensor([False, False, False, False, True]))
+
+
+def test_reused_count_is_known_before_deviation_scores():
+    """SGLang must be told how many positions a chunk request reuses before its deviation probe picks which."""
+    hints = ChunkHints(((0, 10), (10, 22)), "deviation", ratio=0.25)
+    expect = reused_count(30, hints, [True, True], forced_from=20)
+    for seed in range(5):
+        scores = torch.rand(30, generator=torch.Generator().manual_seed(seed))
+        mask = recompute_mask(30, hints, [True, True], scores, forced_from=20)
+        assert int((~mask).sum()) == expect == 20 - round(0.25 * 20)
+        assert mask[20:].all()  # input-logprob positions always run

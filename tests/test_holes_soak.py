@@ -287,27 +287,80 @@ def test_soak_mixed_chunk_and_exact_requests(tiny_engines):
     assert (final["available"], final["evictable"], final["chunks"]["entries"]) == (initial["pool_size"], 0, 0)
 
 
-def test_chunk_requests_under_chunked_prefill(chunked, tiny_engines):
-    """A chunk request SGLang prefills in pieces (64 or 256 tokens) stores its chunks as the pieces
-    complete (locked while it runs); a later request reuses them; nothing leaks."""
-    _, cold = tiny_engines
-    from sglang_holes.chunks.hints import build_chunked_prompt
+def _separated(docs: list[list[int]], q: list[int], sep: int, policy: str, **params) -> tuple[list[int], dict]:
+    """``docs`` as chunks with one computed separator token after each, then the question (a chunk)."""
+    from sglang_holes.chunks.hints import chunk_envelope
 
+    ids, spans = [], []
+    for d in [*docs, q]:
+        spans.append((len(ids), len(ids) + len(d)))
+        ids += d if d is q else [*d, sep]
+    return ids, chunk_envelope(spans, policy, **params)
+
+
+def test_chunk_requests_under_chunked_prefill(chunked, tiny_engines):
+    """SGLang prefills a chunk request in pieces (64 or 256 tokens): chunks it computes are stored as
+    the pieces complete; a later request reuses them, SGLang chunking only what it copies or
+    computes. In place (same order) the output equals the cold run; moved, it equals the same
+    request on an engine that prefills it in one piece. Nothing leaks."""
+    holes, cold = tiny_engines
     rng = random.Random(5)
-    docs = [[rng.randrange(3, 2000) for _ in range(rng.randint(80, 130))] for _ in range(4)]
+    docs = [[rng.randrange(3, 2000) for _ in range(rng.randint(40, 60))] for _ in range(6)]
     q = [rng.randrange(3, 2000) for _ in range(8)]
+    kw = dict(sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
+    assert chunked.flush_cache().success and holes.flush_cache().success
+    ids, hints = _separated(docs, q, 7, "first_k", k=10_000)
+    ref = cold.generate(input_ids=ids, **kw)
+    for eng in (chunked, holes):
+        _compare(eng.generate(input_ids=ids, kv_hints=hints, **kw), ref, "computes all")
+    assert _check_pool(chunked)["chunks"]["entries"] == 7
+    got = chunked.generate(input_ids=ids, kv_hints=_separated(docs, q, 7, "none")[1], **kw)
+    n, seps = len(ids), [e for _, e in _spans(docs)]
+    assert got["meta_info"]["chunk_reuse"]["reused_tokens"] == n - len(seps) - 1
+    assert got["meta_info"]["hole_spans"] == [[p, p + 1] for p in seps] + [[n - 1, n]]
+    _compare(got, ref, "in place, chunked")
+    moved_docs = [docs[i] for i in (3, 1, 5, 0, 4, 2)]
+    for policy, params in (("none", {}), ("first_k", {"k": 4}), ("deviation", {"ratio": 0.2})):
+        moved, moved_hints = _separated(moved_docs, q, 7, policy, **params)
+        outs = [eng.generate(input_ids=moved, kv_hints=moved_hints, **kw) for eng in (chunked, holes)]
+        metas = [o["meta_info"] for o in outs]
+        assert metas[0]["chunk_reuse"] == metas[1]["chunk_reuse"] and metas[0]["chunk_reuse"]["reused_chunks"] == 7
+        for key in ("hole_spans", "cached_tokens"):
+            assert metas[0][key] == metas[1][key], (policy, key)
+        _compare(outs[0], outs[1], f"moved, {policy}, chunked vs one piece")
+        _check_pool(chunked)
     assert chunked.flush_cache().success
-    first = build_chunked_prompt([*docs, q], lambda text: [], policy="first_k", k=10_000)
-    out = chunked.generate(input_ids=first.input_ids, kv_hints=first.kv_hints, sampling_params=SAMPLING,
-                           return_logprob=True, top_logprobs_num=5)
-    _compare(out, cold.generate(input_ids=first.input_ids, sampling_params=SAMPLING, return_logprob=True,
-                                top_logprobs_num=5), "chunked chunk request")
-    c = _check_pool(chunked)
-    assert c["chunks"]["entries"] == 5
-    again = build_chunked_prompt([docs[3], docs[1], docs[0], docs[2], q], lambda text: [], policy="none")
-    out = chunked.generate(input_ids=again.input_ids, kv_hints=again.kv_hints, sampling_params=SAMPLING)
-    # longer than one piece: prefilled in pieces, so no reuse (counted as plain compute)
-    assert out["meta_info"]["chunk_reuse"]["reused_tokens"] == 0
+    assert _check_pool(chunked)["available"] == CHUNKED_POOL
+
+
+def _spans(docs: list[list[int]]) -> list[tuple[int, int]]:
+    """Where ``_separated`` puts each doc."""
+    out, pos = [], 0
+    for d in docs:
+        out.append((pos, pos + len(d)))
+        pos += len(d) + 1
+    return out
+
+
+def test_an_extend_of_copies_only_computes_its_last_position(chunked, tiny_engines):
+    """A moved chunk longer than SGLang's piece: a piece with nothing to compute would have no
+    logits to read, so it computes its last position instead of copying it (chunked prefill only)."""
+    rng = random.Random(6)
+    docs = [[rng.randrange(3, 2000) for _ in range(300)] for _ in range(2)]
+    q = [rng.randrange(3, 2000) for _ in range(5)]
+    assert chunked.flush_cache().success
+    ids, hints = _separated(docs, q, 7, "none")
+    chunked.generate(input_ids=ids, kv_hints=hints, sampling_params=SAMPLING)
+    moved, moved_hints = _separated(docs[::-1], q, 7, "none")
+    meta = chunked.generate(input_ids=moved, kv_hints=moved_hints, sampling_params=SAMPLING)["meta_info"]
+    n, size = len(moved), chunked.get_server_info()["chunked_prefill_size"]
+    computed = [s for s, _ in meta["hole_spans"]]
+    assert all(e == s + 1 for s, e in meta["hole_spans"])
+    # SGLang chunks the order (copied and computed positions; q sits where it was stored: read in
+    # place) into pieces of `size`; a piece without a separator or the last token computes its last.
+    order, natural = [*range(602), n - 1], {300, 601, n - 1}
+    pieces = [order[a : a + size] for a in range(0, len(order), size)]
+    assert computed == sorted(natural | {p[-1] for p in pieces if not natural & set(p)})
+    assert meta["cached_tokens"] + meta["recomputed_tokens"] == meta["prompt_tokens"] == n
+    assert meta["chunk_reuse"]["reused_tokens"] == meta["cached_tokens"] == n - len(computed)
     _check_pool(chunked)
-    assert chunked.flush_cache().success
-    assert _check_pool(chunked)["available"] == c["pool_size"]

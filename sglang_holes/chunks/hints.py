@@ -99,12 +99,15 @@ def chunk_boundaries(lengths: Sequence[int]) -> list[Span]:
 
 
 def recompute_mask(n: int, hints: ChunkHints, reused: Sequence[bool],
-                   deviation: torch.Tensor | None = None) -> torch.Tensor:
+                   deviation: torch.Tensor | None = None, forced_from: int | None = None) -> torch.Tensor:
     """Boolean ``[n]``: True where the token is recomputed (a hole), False where chunk KV is reused.
 
     ``reused[i]``: chunk ``i``'s KV is available (from the store). Always recomputed: tokens
-    outside reused chunks and the last token (its logits start generation). ``deviation``
-    (``[n]`` scores, higher = deviates more) is required by the ``deviation`` policy.
+    outside reused chunks, the last token (its logits start generation) and ``[forced_from, n)``
+    (positions whose input logprobs were asked for). ``deviation`` (``[n]`` scores, higher =
+    deviates more) is required by the ``deviation`` policy, which recomputes
+    ``round(ratio * candidates)`` of the reused tokens left after that: the count depends on
+    the hints and ``reused`` only, so it is known before any score (``reused_count``).
     """
     hints.check_length(n)
     if len(reused) != len(hints.chunks):
@@ -117,7 +120,8 @@ def recompute_mask(n: int, hints: ChunkHints, reused: Sequence[bool],
         for (s, e), ok in zip(hints.chunks, reused, strict=True):
             if ok:
                 mask[s : min(e, s + hints.k)] = True
-    elif hints.policy == "deviation":
+    mask[min(n - 1, n - 1 if forced_from is None else max(forced_from, 0)) :] = True
+    if hints.policy == "deviation":
         if deviation is None or deviation.shape != (n,):
             raise ValueError("the deviation policy needs one score per prompt token")
         candidates = (~mask).nonzero().flatten()
@@ -125,8 +129,13 @@ def recompute_mask(n: int, hints: ChunkHints, reused: Sequence[bool],
         if take:
             top = deviation[candidates].topk(take).indices
             mask[candidates[top]] = True
-    mask[n - 1] = True
     return mask
+
+
+def reused_count(n: int, hints: ChunkHints, reused: Sequence[bool], forced_from: int | None = None) -> int:
+    """How many tokens ``recompute_mask`` leaves reused, before any deviation score."""
+    zeros = torch.zeros(n) if hints.policy == "deviation" else None
+    return int((~recompute_mask(n, hints, reused, zeros, forced_from)).sum())
 
 
 def chunk_envelope(chunks: Sequence[Span], policy: str = "first_k", message_id: str = "",

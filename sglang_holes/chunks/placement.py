@@ -1,12 +1,17 @@
 """Where a chunk request's reusable KV comes from: the pure planning step of chunk placement.
 
-For each chunk found in the store (``hits``), either its KV is copied into the request's
-own slots with K re-rotated by the position delta (``copies``), or, at an unchanged
-offset, the store's slots are read in place (borrowed, ``cached``). Which reused
-positions are recomputed after all is the policy's choice (``hints.recompute_mask``);
-``borrowed_writes`` then turns the reused, not-copied positions into row writes.
+Decided when the request is matched, before SGLang admits it. For each chunk found in the
+store (``hits``), each reused position either reads the store's slot in place (the chunk
+sits at the offset it was computed at: *borrowed*) or gets a copy of it in one of the
+request's own slots with K re-rotated by the position delta (*copied*). The policy's
+recompute mask (``hints.recompute_mask``) says which positions are computed instead.
 
-Units: positions ``0..n-1`` of the prompt; ``slots``: the request's allocated slots, one per position.
+SGLang is shown the request in virtual order (``patches/request_holes.HoleFill``): the
+borrowed positions as its prefix, then the others (copies and recomputed positions) in
+position order as its extend; each extend copies its copied positions before the forward
+and computes the rest (``sglang_holes.cache.extend_plan.plan_hole_chunk``).
+
+Units: positions ``0..n-1`` of the prompt; slots are KV-pool slot indices (int64, CPU).
 """
 
 from __future__ import annotations
@@ -17,50 +22,67 @@ from dataclasses import dataclass
 import torch
 
 from sglang_holes.attention.plan import spans_from_positions
-from sglang_holes.cache.extend_plan import RowWrite
+from sglang_holes.cache.node import Segment
 from sglang_holes.chunks.store import ChunkEntry
 
 Span = tuple[int, int]
 
 
 @dataclass(frozen=True)
-class ChunkCopy:
-    """Copy the KV of store slots ``src`` into the request's ``dst``, K re-rotated by ``delta`` positions."""
+class ChunkFill:
+    """A chunk request's reuse over its ``n`` prompt positions.
 
+    recompute: bool ``[n]``, True where the request computes the position.
+    src: int64 ``[n]``, the store slot holding a reused position's KV (-1 where recomputed).
+    delta: int64 ``[n]``, the position's offset minus the one its KV was computed at (0 where
+        recomputed; 0 on a reused position: read in place).
+    """
+
+    recompute: torch.Tensor
     src: torch.Tensor
-    dst: torch.Tensor
-    delta: int
+    delta: torch.Tensor
+
+    @property
+    def borrowed(self) -> torch.Tensor:
+        """bool ``[n]``: reused in place (the store's slot goes into the request's row)."""
+        return ~self.recompute & (self.delta == 0)
+
+    @property
+    def copied(self) -> torch.Tensor:
+        """bool ``[n]``: reused through a re-rotated copy into the request's own slot."""
+        return ~self.recompute & (self.delta != 0)
+
+    @property
+    def order(self) -> torch.Tensor:
+        """int64, ascending: the extend positions (copied or recomputed), SGLang's extend in virtual order."""
+        return (~self.borrowed).nonzero().flatten()
+
+    @property
+    def reused(self) -> int:
+        return int((~self.recompute).sum())
+
+    def segments(self) -> tuple[Segment, ...]:
+        """The borrowed spans with their store slots (the prefix SGLang admits, in position order)."""
+        pos = self.borrowed.nonzero().flatten().tolist()
+        return tuple(Segment(s, e, self.src[s:e].clone()) for s, e in spans_from_positions(pos))
 
 
-@dataclass(frozen=True)
-class ChunkPlacement:
-    """copies: KV copies to run before attention; cached: int64 ``[n]``, the slot holding each
-    position's reusable KV once the copies ran (the request's own slot where nothing is reused);
-    reused: per chunk, whether the store had it."""
-
-    copies: tuple[ChunkCopy, ...]
-    cached: torch.Tensor
-    reused: tuple[bool, ...]
-
-
-def plan_chunk_placement(chunks: Sequence[Span], hits: Sequence[ChunkEntry | None],
-                         slots: torch.Tensor) -> ChunkPlacement:
-    """Copy each hit computed at another offset; borrow each hit at its own offset. ``slots``: CPU int64 ``[n]``."""
-    cached = slots.clone()
-    copies = []
+def plan_chunk_fill(chunks: Sequence[Span], hits: Sequence[ChunkEntry | None], recompute: torch.Tensor
+                    ) -> ChunkFill:
+    """The fill for chunk ``i`` at ``chunks[i]`` reusing ``hits[i]`` (None: not stored), ``recompute`` bool ``[n]``."""
+    n = int(recompute.numel())
+    src = torch.full((n,), -1, dtype=torch.int64)
+    delta = torch.zeros(n, dtype=torch.int64)
     for (s, e), entry in zip(chunks, hits, strict=True):
         if entry is None:
             continue
-        delta = s - entry.offset
-        if delta:
-            copies.append(ChunkCopy(entry.slots, slots[s:e], delta))
-        else:
-            cached[s:e] = entry.slots
-    return ChunkPlacement(tuple(copies), cached, tuple(e is not None for e in hits))
-
-
-def borrowed_writes(keep: torch.Tensor, cached: torch.Tensor, slots: torch.Tensor) -> list[RowWrite]:
-    """Row writes for reused positions (``~keep``) whose KV stays in the store's slots."""
-    borrow = ~keep & (cached != slots)
-    pos = borrow.nonzero().flatten().tolist()
-    return [RowWrite(s, e, cached[s:e].clone()) for s, e in spans_from_positions(pos)]
+        if len(entry) != e - s:
+            raise ValueError(f"chunk [{s}, {e}) matched a stored entry of {len(entry)} tokens")
+        src[s:e] = entry.slots.to(torch.int64)
+        delta[s:e] = s - entry.offset
+    keep = ~recompute
+    if bool((src[keep] < 0).any()):
+        raise ValueError("a position outside every stored chunk is marked reused")
+    src[recompute] = -1
+    delta[recompute] = 0
+    return ChunkFill(recompute.clone(), src, delta)

@@ -1,4 +1,4 @@
-"""``ChunkState``: the chunk-mode bookkeeping of one request, from admission to release."""
+"""``ChunkState``: the chunk-mode bookkeeping of one request, from its match to its release."""
 
 from __future__ import annotations
 
@@ -6,18 +6,23 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from sglang_holes.chunks.hints import ChunkHints
+from sglang_holes.chunks.placement import ChunkFill
 from sglang_holes.chunks.store import ChunkEntry
 
 
 @dataclass
 class ChunkState:
-    """hits: per chunk, the store entry found at admission (None: computed by this request);
-    locked: entries this request holds locked; handled: chunks reused or already handed to
-    the store; reused_tokens: prompt tokens taken from the store after the policy's recompute."""
+    """hits: per chunk, the store entry found when matched (None: computed by this request);
+    plan: the reuse decided for those hits (None: nothing reused), kept while the request waits
+    as long as the store still returns the same entries; locked: entries this request
+    computed and handed to the store, locked until release; handled: chunks reused or already
+    handed to the store; reused_tokens: prompt tokens taken from the store (after the policy's
+    recompute and any copy an extend had to compute instead)."""
 
     hints: ChunkHints
     namespace: Hashable
     hits: list[ChunkEntry | None]
+    plan: ChunkFill | None = None
     locked: list[ChunkEntry] = field(default_factory=list)
     handled: set[int] = field(default_factory=set)
     reused_tokens: int = 0
