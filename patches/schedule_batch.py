@@ -53,8 +53,10 @@ def _plan_request(tree: HoleRadixCache, req: Any, slots: torch.Tensor) -> HoleCh
         return None
     if fill.computed == 0 and (req.prefix_len != fill.reused or req.last_node is not fill.node):
         # SGLang replaced the match after match_prefix (SGLANG_RADIX_FORCE_MISS zeroes it): the
-        # reused spans are not locked for this request, so they are not used.
+        # reused spans are not locked for this request, so they are not used. SGLang's replacement
+        # keeps the tree-owned length we reported (MatchResult._replace): the row is all its own now.
         rec.fill = None
+        req.kv.cache_protected_len = req.prefix_len
         return None
     if req.prefix_len != fill.virtual_prefix:  # a later chunk must continue where the last one ended
         raise RuntimeError(f"request {req.rid}: SGLang resumed a fill at {req.prefix_len}, "
@@ -99,14 +101,17 @@ def _commit(tree: HoleRadixCache, batch: Any, plans: list[HoleChunk | None], sta
             _count_plain_chunk_request(tree, req, pre)
             continue
         fill = holes_of(req).fill
-        q = plan.query
-        new_ids.append(_commit_fill_extend(tree, batch, req, plan, out_i)[q])
-        new_out.append(out_i[q.to(out_i.device)])
+        ids_i = _commit_fill_extend(tree, batch, req, plan, out_i)
         positions.append(plan.queries)
-        nq = int(q.sum())
+        nq = int(plan.queries.numel())
         if nq != ext:  # chunk copies are not queries: SGLang's forward sees the queries only
+            # Host-built indices, not a device boolean mask: indexing with one would sync the device.
+            q = plan.query.nonzero().flatten()
+            ids_i, out_i = ids_i[q], out_i.index_select(0, q.to(out_i.device, non_blocking=True))
             batch.extend_lens[i] = nq
             batch.prefix_lens[i] = pre + ext - nq
+        new_ids.append(ids_i)
+        new_out.append(out_i)
         if fill.chunk is not None:
             batch.extend_logprob_start_lens[i] = logprob_ids.replace(i, req, plan.queries)
         if plan.last and fill.chunk is not None:
@@ -133,8 +138,8 @@ def _commit_fill_extend(tree: HoleRadixCache, batch: Any, req: Any, chunk: HoleC
             if g.slots is not None:
                 fill.row[g.start : g.end] = g.slots.to(row.device, row.dtype)
     if chunk.copies:
-        copy = ~chunk.query
-        tree.chunks.copy_in(fill.chunk, chunk.positions[copy], slots[copy.to(slots.device)])
+        copy = (~chunk.query).nonzero().flatten()
+        tree.chunks.copy_in(fill.chunk, chunk.positions[copy], slots.index_select(0, copy.to(slots.device)))
     fill.row[chunk.positions.to(row.device)] = slots.to(row.dtype)
     row[:n] = fill.row
     fill.computed += int(chunk.positions.numel())
@@ -175,13 +180,10 @@ def _count_chunk_extend(tree: HoleRadixCache, req: Any, fill: HoleFill, chunk: H
 
 
 def _count_plain_chunk_request(tree: HoleRadixCache, req: Any, prefix_len: int) -> None:
-    """A chunk request that reuses nothing: reported and counted at its first extend."""
+    """A chunk request that reuses nothing: its ``meta_info`` report, at its first extend."""
     st = holes_of(req).chunk
-    if st is None or prefix_len or tree.chunks is None:
-        return
-    record_chunk_reuse(req, st)
-    if not getattr(req, "retracted_stain", False):
-        tree.count("chunk_requests")
+    if st is not None and not prefix_len and tree.chunks is not None:
+        record_chunk_reuse(req, st)
 
 
 class _LogprobTargets:

@@ -364,3 +364,26 @@ def test_an_extend_of_copies_only_computes_its_last_position(chunked, tiny_engin
     assert meta["cached_tokens"] + meta["recomputed_tokens"] == meta["prompt_tokens"] == n
     assert meta["chunk_reuse"]["reused_tokens"] == meta["cached_tokens"] == n - len(computed)
     _check_pool(chunked)
+
+
+def test_input_logprobs_of_a_chunk_request_across_pieces(chunked, tiny_engines):
+    """Input logprobs from ``logprob_start_len`` on, over a tail longer than SGLang's piece: those
+    positions are computed (in several pieces), each scored against the prompt's next token."""
+    cold = tiny_engines[1]
+    rng = random.Random(7)
+    docs = [[rng.randrange(3, 2000) for _ in range(50)] for _ in range(4)]
+    tail = [rng.randrange(3, 2000) for _ in range(150)]
+    assert chunked.flush_cache().success
+    ids, hints = _separated(docs, tail, 7, "none")
+    chunked.generate(input_ids=ids, kv_hints=hints, sampling_params=SAMPLING)
+    start = len(ids) - 140
+    kw = dict(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0.0}, return_logprob=True,
+              logprob_start_len=start, top_logprobs_num=3)
+    got, ref = chunked.generate(kv_hints=hints, **kw), cold.generate(**kw)
+    meta = got["meta_info"]
+    assert meta["cached_tokens"] == start - len(docs), meta  # in place up to the logprob tail, separators computed
+    got_lp, ref_lp = meta["input_token_logprobs"], ref["meta_info"]["input_token_logprobs"]
+    assert len(got_lp) == len(ref_lp) == 140
+    assert [x[1] for x in got_lp] == [x[1] for x in ref_lp]
+    assert max(abs(a[0] - b[0]) for a, b in zip(got_lp[1:], ref_lp[1:], strict=True)) <= LOGPROB_TOL
+    _check_pool(chunked)

@@ -79,8 +79,8 @@ def test_http_eviction_with_data_parallelism(tiny_llama, tiny_engines):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sglang_holes.patches.cli", "serve", "--port", str(port), "--dp-size", "2",
          "--model-path", str(tiny_llama), "--skip-tokenizer-init", "--max-total-tokens", "4000", "--log-level",
-         "error"], env=dict(os.environ, **BIND), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+         "error", "--enable-metrics"], env=dict(os.environ, **BIND), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, base)
@@ -99,6 +99,14 @@ def test_http_eviction_with_data_parallelism(tiny_llama, tiny_engines):
         assert r.json()["output_ids"] == ref["output_ids"]
         states = requests.get(f"{base}/get_server_info", timeout=30).json()["internal_states"]
         assert len(states) == 2 and all(s["sglang_holes"]["cache"]["integrity"] == "ok" for s in states)
+        # /metrics sums both ranks' counters (SGLang's multiprocess collector): equal to the ranks' stats
+        metrics = requests.get(f"{base}/metrics", timeout=30).text
+        values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("sglang_holes:") and "{" in line}
+        for key in ("hole_requests", "reused_tokens", "recomputed_tokens"):
+            ranks = sum(s["sglang_holes"]["cache"]["stats"][key] for s in states)
+            assert values[f"sglang_holes:{key}_total"] == ranks, (key, values)
+        assert values["sglang_holes:hole_requests_total"] == 1 and values["sglang_holes:reused_tokens_total"] == 369
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

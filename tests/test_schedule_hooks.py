@@ -22,8 +22,10 @@ def test_a_match_sglang_replaced_is_not_used():
     fill = HoleFill(prefix_len=2, reused=6, segments=(Segment(0, 2, torch.arange(2)), Segment(2, 4, None),
                                                       Segment(4, 8, torch.arange(4, 8))), node=node)
     req = SimpleNamespace(holes=RequestHoles(None, fill=fill), prefix_len=0, last_node=cache.root_node,
-                          full_untruncated_fill_ids=list(range(9)), rid="r")
+                          full_untruncated_fill_ids=list(range(9)), rid="r",
+                          kv=SimpleNamespace(cache_protected_len=2))  # SGLang's _replace kept our P0
     assert _plan_request(cache, req, torch.arange(9)) is None and req.holes.fill is None
+    assert req.kv.cache_protected_len == 0  # the row is the request's own: none of it is the tree's
     fill.computed = 0
     req = SimpleNamespace(holes=RequestHoles(None, fill=fill), prefix_len=6, last_node=node,
                           full_untruncated_fill_ids=list(range(9)), rid="r")
