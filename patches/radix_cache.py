@@ -232,17 +232,22 @@ class HoleRadixCache(BasePrefixCache):
             up_to = fill.first_uncomputed()
         if self.chunks is not None and holes_of(req).chunk_hints is not None:
             # Approximate KV stays out of the exact tree; computed chunks go to the store.
-            owned = self.chunks.store_computed(req, row[:up_to].to(torch.int64).cpu(), up_to)
-            if owned:
-                self.borrowed.setdefault(kv.req_pool_idx, []).extend(owned)
+            stored = self.chunks.store_computed(req, row[:up_to].to(torch.int64), up_to)
+            if stored:
+                self.borrowed.setdefault(kv.req_pool_idx, []).extend(stored)
                 self.borrowed[kv.req_pool_idx].sort()
             return
         tokens = list(req.full_untruncated_fill_ids[:up_to])
         key_len = len(tokens) - len(tokens) % self.page_size
         tree = self._tree(req.extra_key, req.cache_salt)
-        values = row[:key_len].to(torch.int64).cpu()
+        # Slot ids stay on the row's device (no device->host sync on the scheduler thread); which of
+        # them are the tree's is known here: the protected prefix and the borrowed spans.
+        owned = torch.zeros(key_len, dtype=torch.bool)
+        owned[min(kv.cache_protected_len, key_len) :] = True
+        for s, e in self.borrowed.get(kv.req_pool_idx, ()):
+            owned[s:e] = False
         with self.namespaces.tracked(tree):
-            result = tree.insert(tokens[:key_len], values)
+            result = tree.insert(tokens[:key_len], row[:key_len].to(torch.int64), owned)
         if result.rejected_slots.numel():
             # Duplicates of KV the tree already holds; the row is repointed below.
             self.token_to_kv_pool_allocator.free(result.rejected_slots.to(row.device, dtype=row.dtype))

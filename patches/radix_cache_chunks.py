@@ -154,12 +154,13 @@ class ChunkReuse:
 
     def copy_in(self, plan: ChunkFill, positions: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the stored KV of copied ``positions`` (int64) into slots ``dst``, K re-rotated."""
-        src, delta = plan.src[positions], plan.delta[positions]
+        delta = plan.delta[positions]  # host
         pool = self.allocator.get_kvcache()
         for d in delta.unique().tolist():
-            sel = (delta == d).nonzero().flatten()  # host indices: no device sync
-            copy_rerotated(pool.k_buffer, pool.v_buffer, src[sel], dst.index_select(0, sel.to(dst.device)), int(d),
-                           self.rope)
+            sel = positions[delta == d]  # host indices only: nothing here syncs the device
+            at = (delta == d).nonzero().flatten()
+            copy_rerotated(pool.k_buffer, pool.v_buffer, plan.src.index_select(0, sel.to(plan.src.device)),
+                           dst.index_select(0, at.to(dst.device)), int(d), self.rope)
 
     def committed(self, req: Any, reused: int) -> None:
         """A chunk request's first extend ran: its hits are reused (never stored again), recency refreshed."""

@@ -210,3 +210,37 @@ def test_eviction_policies_do_not_reach_back_into_the_tree():
 
     source = pathlib.Path(eviction.__file__).read_text()
     assert "cache.tree" not in source and "TYPE_CHECKING" not in source and "._" not in source.replace("self._", "")
+
+
+def test_insert_with_host_ownership_equals_identity_insert():
+    """``owned`` (which given slots are the caller's, known on the host) decides exactly what the
+    slot-id comparison decides, without comparing slot ids (a device sync on a GPU)."""
+    import random
+
+    rng = random.Random(3)
+    for _ in range(50):
+        a, b = HoleTree(), HoleTree()
+        toks = [rng.randrange(5) for _ in range(30)]
+        first = torch.arange(100, 130)
+        s, e = sorted(rng.sample(range(20), 2))
+        for t in (a, b):
+            t.insert(toks[:20], first[:20])
+            t.evict_span(toks, s, e)
+        # A request reused what is still cached (the tree's slots) and computed the rest (its own).
+        cached = torch.zeros(30, dtype=torch.bool)
+        for g in a.match(toks).segments:
+            if g.slots is not None:
+                cached[g.start : g.end] = True
+        mine = torch.arange(500, 530)
+        row = torch.where(cached, first, mine)
+        own = ~cached
+        if rng.random() < 0.5:  # and computed some cached positions again (duplicates: rejected)
+            own[: rng.randrange(30)] = True
+            row = torch.where(own, mine, first)
+        ra, rb = a.insert(toks, row), b.insert(toks, row, owned=own)
+        assert ra.rejected_slots.tolist() == rb.rejected_slots.tolist()
+        assert snapshot(a) == snapshot(b)
+        a.check_integrity()
+        b.check_integrity()
+    with pytest.raises(ValueError, match="does not own"):
+        HoleTree().insert([1, 2], [5, 6], owned=torch.tensor([True, False]))

@@ -97,4 +97,4 @@ def _as_slots(slots: torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
         raise TypeError("slots must be a 1-D integer tensor or a sequence of ints")
     if s.numel() != n:
         raise ValueError(f"got {s.numel()} slots for {n} tokens (one slot per token)")
-    return s.to(torch.int64).cpu()
+    return s.to(torch.int64)

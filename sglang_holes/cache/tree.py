@@ -172,19 +172,28 @@ class HoleTree:
         prefix = segments[0].end if segments and segments[0].cached else 0
         return MatchResult(segments, missing, reused, prefix, TreeHandle(handle_node), prefix_node)
 
-    def insert(self, tokens: Sequence[int], slots: torch.Tensor | Sequence[int]) -> InsertResult:
-        """Store ``slots`` (one per token) for ``tokens``: fill holes, add new nodes.
+    def insert(self, tokens: Sequence[int], slots: torch.Tensor | Sequence[int],
+               owned: torch.Tensor | None = None) -> InsertResult:
+        """Store ``slots`` (one per token, any device) for ``tokens``: fill holes, add new nodes.
 
-        Identity-aware: where the tree already holds KV, a given slot equal to the tree's
-        own is neither taken nor rejected; a different one is rejected. The trailing
-        partial page (page_size > 1) is rejected. Raises ``TypeError``/``ValueError`` on
-        bad input, with the tree unchanged.
+        Where the tree already holds KV, a given slot is rejected unless it is the tree's own.
+        Which given slots are the tree's: ``owned`` (bool ``[len(tokens)]`` on the host, True
+        where the slot is the caller's own, never the tree's), or, without it, by comparing
+        slot ids (identity-aware; on a GPU that comparison syncs the device, which ``owned``
+        avoids). The trailing partial page (page_size > 1) is rejected. Raises
+        ``TypeError``/``ValueError`` on bad input, with the tree unchanged.
         """
         toks = _as_tokens(tokens)
         given = _as_slots(slots, len(toks))
+        if owned is not None and (owned.dtype != torch.bool or owned.shape != (len(toks),)):
+            raise ValueError(f"owned must be a bool tensor of shape ({len(toks)},)")
         n = len(toks) - len(toks) % self.page_size
-        rejected = [given[n:]]
         path, _ = self._walk(toks[:n])
+        last = path[-1] if path else self.root
+        if owned is not None and not all(bool(owned[g.start : g.end].all()) for g in
+                                         [*(x for x in path if x.slots is None), Segment(last.end, n, None)]):
+            raise ValueError("a hole or a new node would take a slot the caller does not own")
+        rejected = [given[n:]]
         now = self._tick()
         for node in path:
             part = given[node.start : node.end]
@@ -192,9 +201,11 @@ class HoleTree:
             if node.slots is None:
                 node.slots = part.clone()
                 self._add_size(node, +1)
-            else:
+            elif owned is None:
                 rejected.append(part[part != node.slots])
-        last = path[-1] if path else self.root
+            else:
+                mine = owned[node.start : node.end].nonzero().flatten()
+                rejected.append(part.index_select(0, mine.to(part.device)))
         pos = last.end
         if pos < n:
             new = Node(toks[pos:n], pos, given[pos:n].clone(), last)

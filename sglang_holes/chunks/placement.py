@@ -71,7 +71,8 @@ def plan_chunk_fill(chunks: Sequence[Span], hits: Sequence[ChunkEntry | None], r
                     ) -> ChunkFill:
     """The fill for chunk ``i`` at ``chunks[i]`` reusing ``hits[i]`` (None: not stored), ``recompute`` bool ``[n]``."""
     n = int(recompute.numel())
-    src = torch.full((n,), -1, dtype=torch.int64)
+    device = next((e.slots.device for e in hits if e is not None), torch.device("cpu"))
+    src = torch.full((n,), -1, dtype=torch.int64, device=device)  # slot ids stay on the pool's device
     delta = torch.zeros(n, dtype=torch.int64)
     for (s, e), entry in zip(chunks, hits, strict=True):
         if entry is None:
@@ -80,9 +81,11 @@ def plan_chunk_fill(chunks: Sequence[Span], hits: Sequence[ChunkEntry | None], r
             raise ValueError(f"chunk [{s}, {e}) matched a stored entry of {len(entry)} tokens")
         src[s:e] = entry.slots.to(torch.int64)
         delta[s:e] = s - entry.offset
-    keep = ~recompute
-    if bool((src[keep] < 0).any()):
+    covered = torch.zeros(n, dtype=torch.bool)
+    for (s, e), entry in zip(chunks, hits, strict=True):
+        covered[s:e] |= entry is not None
+    if bool((~recompute & ~covered).any()):
         raise ValueError("a position outside every stored chunk is marked reused")
-    src[recompute] = -1
+    src.masked_fill_(recompute.to(device), -1)  # not boolean indexing: that would sync a GPU
     delta[recompute] = 0
     return ChunkFill(recompute.clone(), src, delta)

@@ -79,7 +79,7 @@ class ChunkStore:
         toks = tuple(int(t) for t in tokens)
         if not toks:
             raise ValueError("an empty chunk cannot be stored")
-        slots = slots.to(torch.int64).flatten().cpu()
+        slots = slots.to(torch.int64).flatten()  # any device: the pool's slot ids stay where they are
         if slots.numel() != len(toks):
             raise ValueError(f"{slots.numel()} slots for a chunk of {len(toks)} tokens")
         if offset < 0:
