@@ -29,7 +29,8 @@ def after_init_new(ret: Any, cls: Any, batch: Any, *_: Any, **__: Any) -> Any:
     """
     positions = getattr(batch, BATCH_ATTR, None)
     if positions is not None and ret.forward_mode.is_extend():
-        ret.positions = positions.to(ret.seq_lens.device)
+        ret.positions = positions.to(ret.seq_lens.device, non_blocking=True)
+        setattr(ret, BATCH_ATTR, positions)  # the host copy the attention backend plans from
         setattr(batch, BATCH_ATTR, None)
     return ret
 
@@ -48,11 +49,15 @@ def hole_plan_from_positions(forward_batch: Any, req_to_token: torch.Tensor,
 
     A request's queries sit at ``positions[start:end]``; for a plain extend those are
     ``arange(prefix, seq)``, for a hole request the missing positions (runs = spans).
-    Reads ``positions``, ``seq_lens_cpu``, ``extend_seq_lens_cpu``, ``req_pool_indices``.
+    Reads the host copy of the positions the extend hook left (``forward_batch.holes``; else
+    ``positions``), ``seq_lens_cpu``, ``extend_seq_lens_cpu``, ``req_pool_indices_cpu`` (else
+    ``req_pool_indices``): host data, so planning does not wait for the device. The slot table
+    stays on the device of ``req_to_token``.
     """
     if forward_batch.extend_seq_lens_cpu is None:
         return None
-    pos = forward_batch.positions.tolist()
+    host = getattr(forward_batch, BATCH_ATTR, None)
+    pos = (host if host is not None else forward_batch.positions).tolist()
     seq_lens = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
     holes, start, any_hole = [], 0, False
     for n, m in zip(seq_lens, forward_batch.extend_seq_lens_cpu, strict=True):
@@ -62,8 +67,9 @@ def hole_plan_from_positions(forward_batch: Any, req_to_token: torch.Tensor,
         holes.append(spans)
     if not (any_hole or always):
         return None
-    rows = forward_batch.req_pool_indices.tolist()
-    table = [req_to_token[int(r), :n].to(torch.int64).cpu() for r, n in zip(rows, seq_lens, strict=True)]
+    rows = getattr(forward_batch, "req_pool_indices_cpu", None)
+    rows = (rows if rows is not None else forward_batch.req_pool_indices).tolist()
+    table = [req_to_token[int(r), :n].to(torch.int64) for r, n in zip(rows, seq_lens, strict=True)]
     return BatchHolePlan(HolePlan.from_holes(seq_lens, holes), table)
 
 

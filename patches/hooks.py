@@ -13,7 +13,8 @@ hook unpacks; ``tests/test_hook_contract.py`` runs it, and ``sglang_holes.Engine
 * ``INVARIANTS``: lines of SGLang's scheduler a hole fill relies on (virtual order).
 * ``ATTRIBUTES``: fields our hooks read or write on SGLang objects (``Req``,
   ``ScheduleBatch``, ``ForwardBatch``, ...). Requests and batches carry at most one
-  attribute of ours each: ``req.holes`` (``RequestHoles``) and ``batch.holes`` (positions).
+  attribute of ours each: ``req.holes`` (``RequestHoles``) and ``batch.holes`` (positions, on
+  the host: the ``ScheduleBatch``'s until ``ForwardBatch.init_new`` moves them to the forward batch).
 
 The table is data only: importing it imports nothing from SGLang.
 """
@@ -115,7 +116,7 @@ ATTRIBUTES: tuple[Attributes, ...] = (
         "extend_input_logprob_token_ids", "model_config")),
     Attributes("sglang.srt.model_executor.forward_batch_info.ForwardBatch", (
         "forward_mode", "positions", "seq_lens", "seq_lens_cpu", "extend_seq_lens_cpu", "req_pool_indices",
-        "out_cache_loc")),
+        "req_pool_indices_cpu", "out_cache_loc")),
     Attributes(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend", (
         "indices_updater_prefill", "prefill_wrappers_paged", "forward_metadata", "num_wrappers",
         "prefill_uses_dequant_workspace", "enable_mis", "req_to_token_pool")),

@@ -204,7 +204,7 @@ class HolePlan:
         pages = torch.div(slots[::P], P, rounding_mode="floor")
         if P > 1:
             expect = (pages.repeat_interleave(P)[:kv_len] * P
-                      + torch.arange(kv_len, dtype=torch.int64) % P)
+                      + torch.arange(kv_len, dtype=torch.int64, device=slots.device) % P)
             if not torch.equal(expect, slots):
                 raise ValueError(f"sequence {i}: slot_table is not page-aligned for page_size={P}")
         return pages
@@ -231,7 +231,8 @@ class HolePlan:
                 own window is exact.
 
         Returns the plan() keywords: ``qo_indptr``, ``paged_kv_indptr``,
-        ``paged_kv_indices``, ``paged_kv_last_page_len`` (int32, CPU), ``page_size``,
+        ``paged_kv_indices`` (int32, on the slot table's device), ``paged_kv_last_page_len``
+        (int32, CPU), ``page_size``,
         ``causal``, ``window_left`` and, for ``custom_mask``, the boolean ``custom_mask`` (never a
         packed mask: FlashInfer 0.7.2 mis-indexes packed masks when B > 1). Head
         counts, dtypes and scales are the caller's. Sequences without holes are
