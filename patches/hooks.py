@@ -149,6 +149,12 @@ INVARIANTS: tuple[Invariant, ...] = (
     Invariant("sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend",
               "new_cached = pre_len - req.already_computed",
               "cached_tokens counts the admitted prefix (every reused token) once"),
+    Invariant("sglang.srt.managers.scheduler.Scheduler.run_event_loop",
+              "StreamContext(self.schedule_stream)",
+              "the extend hook's chunk KV copies are enqueued on the schedule stream (overlap scheduler)"),
+    Invariant("sglang.srt.managers.scheduler.Scheduler.run_batch",
+              "self.forward_stream.wait_stream(self.schedule_stream)",
+              "the forward runs after the schedule stream's work: chunk KV copies land before attention reads them"),
 )
 
 
