@@ -24,8 +24,14 @@ HOLE_BACKENDS = ("torch_native", "flashinfer")
 
 
 def why_no_hole_batches(ctx: Any, hf: Any) -> str | None:
-    """Why this server's attention backend cannot run hole batches, or None if it can."""
+    """Why this server cannot run hole batches (its model or attention backend), or None if it can."""
     args = ctx.server_args
+    model = ctx.model_config
+    if getattr(model, "model_is_mrope", False):
+        return ("3-D RoPE (mrope) models: SGLang builds mrope positions as the contiguous tail, so a hole's "
+                "KV would be computed at the wrong rotation")
+    if str(getattr(getattr(model, "attention_arch", None), "name", "")) == "MLA":
+        return "MLA models run SGLang's MLA attention backends, which cannot run hole batches"
     backends = {getattr(args, "attention_backend", None), getattr(args, "prefill_attention_backend", None)} - {None}
     if not backends or not backends <= set(HOLE_BACKENDS):
         return f"attention backend {sorted(backends) or 'default'} cannot run hole batches (only {HOLE_BACKENDS})"
@@ -33,6 +39,9 @@ def why_no_hole_batches(ctx: Any, hf: Any) -> str | None:
         # SGLang's FlashInfer backend needs several wrappers for these; hole batches use one.
         if hf is not None and getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", True):
             return "FlashInfer hole batches do not support sliding-window models yet"
+        runner = getattr(getattr(ctx, "tp_worker", None), "model_runner", None)
+        if getattr(runner, "sliding_window_size", None):  # the runner's window, whatever the HF config says
+            return "FlashInfer hole batches do not support sliding-window attention yet"
         if getattr(ctx.model_config, "is_encoder_decoder", False):
             return "FlashInfer hole batches do not support encoder-decoder models"
         if "fp4" in str(getattr(args, "kv_cache_dtype", "")):
@@ -45,7 +54,7 @@ def factory(ctx: Any) -> HoleRadixCache:
     if ctx.is_hybrid_swa or ctx.is_hybrid_ssm:
         raise ValueError("the holes radix cache does not support hybrid SWA/Mamba models yet")
     if ctx.params.is_eagle:
-        raise ValueError("the holes radix cache does not support speculative decoding (EAGLE) yet")
+        raise ValueError("the holes radix cache does not support speculative decoding yet")
     if ctx.enable_hierarchical_cache:
         raise ValueError("the holes radix cache does not support --enable-hierarchical-cache")
     if (why := refusal(ctx.server_args)) is not None:
@@ -66,7 +75,8 @@ def factory(ctx: Any) -> HoleRadixCache:
     if getattr(args, "enable_metrics", False):
         metrics = HoleMetrics(args.served_model_name or args.model_path)
     return HoleRadixCache(ctx.params, HolesConfig.build(ctx.server_args), recompute_cost=cost,
-                          hole_extend=reason is None, metrics=metrics, chunks=_chunk_reuse(ctx, hf, reason))
+                          hole_extend=reason is None, metrics=metrics, chunks=_chunk_reuse(ctx, hf, reason),
+                          why_no_holes=reason)
 
 
 def _chunk_reuse(ctx: Any, hf: Any, reason: str | None) -> ChunkReuse | None:
@@ -74,10 +84,31 @@ def _chunk_reuse(ctx: Any, hf: Any, reason: str | None) -> ChunkReuse | None:
     if reason is not None or hf is None or ctx.disable_radix_cache:
         return None
     config = hf.to_dict()
+    if (why := quantized_kv(ctx.server_args)) is not None:  # requests with chunk hints are refused at entry
+        logger.warning("chunk reuse disabled: %s", why)
+        return None
     try:
-        rope = RopeSpec.from_config(config)
+        rope = RopeSpec.from_config(config, neox=_neox_style(ctx))
     except UnsupportedRopeError as e:  # requests with chunk hints are refused at entry
         logger.warning("chunk reuse disabled: %s", e)
         return None
     return ChunkReuse(ctx.params.token_to_kv_pool_allocator, rope,
                       probe_loader=probe_loader_for(ctx.tp_worker, config))
+
+
+def quantized_kv(server_args: Any) -> str | None:
+    """Why chunk KV cannot be re-rotated in this server's KV pool (a quantized dtype), or None."""
+    dtype = str(getattr(server_args, "kv_cache_dtype", None) or "auto")
+    if dtype in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32"):
+        return None
+    return f"a quantized KV cache (--kv-cache-dtype {dtype}) cannot be re-rotated in place"
+
+
+def _neox_style(ctx: Any) -> bool:
+    """The served model's RoPE layout: NeoX (halves) unless its rotary embedding says interleaved."""
+    model = getattr(getattr(getattr(ctx, "tp_worker", None), "model_runner", None), "model", None)
+    for module in model.modules() if model is not None else ():
+        style = getattr(module, "is_neox_style", None)
+        if isinstance(style, bool):
+            return style
+    return True

@@ -47,10 +47,10 @@ class Engine(SGLangEngine):
         check_sglang_version()
         verify()  # every SGLang target the plugin hooks still exists with the expected shape
         if "server_args" not in kwargs:
+            if (why := refusal(kwargs)) is not None:  # before any model is resolved or loaded
+                raise ValueError(why)
             kwargs["model_path"] = resolve_model_path(kwargs.get("model_path"))
             kwargs = apply_engine_defaults(kwargs)  # radix_cache_backend=None selects SGLang's own cache
-            if (why := refusal(kwargs)) is not None:
-                raise ValueError(why)
         super().__init__(**kwargs)
 
     def chunked_prompt(self, prompt_chunks: list[str | list[int]], chunk_policy: str = "first_k",

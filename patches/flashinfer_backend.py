@@ -60,6 +60,11 @@ class HoleFlashInferAttnBackend(FlashInferAttnBackend):
     def __init__(self, model_runner: Any, *args: Any, config: HolesConfig | None = None, **kwargs: Any) -> None:
         self.hole_path = (config or HolesConfig()).attention_path
         super().__init__(model_runner, *args, **kwargs)
+        # SGLang runs its KV-format access check for its own class only (``__class__ is``): run it here.
+        if model_runner.prefill_attention_backend_str == "flashinfer":
+            self._check_kv_attention_access("prefill", self.prefill_kv_access)
+        if model_runner.decode_attention_backend_str == "flashinfer":
+            self._check_kv_attention_access("decode", self.decode_kv_access)
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         if plan_hole_batch(self, forward_batch, self.hole_path) is None:

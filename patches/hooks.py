@@ -100,16 +100,20 @@ SUBCLASSED: tuple[Subclassed, ...] = (
                 "evictable_size", "protected_size", "total_size")),
     Subclassed(f"{_ATTN}.torch_native_backend.TorchNativeAttnBackend",
                ("init_forward_metadata", "forward_extend")),
-    Subclassed(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend", ("init_forward_metadata", "forward_extend")),
+    Subclassed(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend",
+               ("init_forward_metadata", "forward_extend", "_check_kv_attention_access")),
 )
 
 ATTRIBUTES: tuple[Attributes, ...] = (
     Attributes("sglang.srt.server_args.ServerArgs", ("radix_eviction_policy", "radix_eviction_policy_config",
-                                                     "radix_cache_backend", "enable_mixed_chunk", "dp_size")),
+                                                     "radix_cache_backend", "enable_mixed_chunk", "dp_size",
+                                                     "speculative_algorithm", "cuda_graph_backend_prefill",
+                                                     "cuda_graph_config", "enable_mis", "kv_cache_dtype",
+                                                     "attention_backend")),
     Attributes(f"{_SB}.Req", (
         "extend_end", "full_untruncated_fill_ids", "multimodal_inputs", "input_embeds", "return_logprob",
         "logprob_start_len", "origin_input_ids", "prefix_len", "cached_tokens", "kv", "customized_info",
-        "kv_hints", "extra_key", "cache_salt", "rid", "last_node", "lock")),
+        "kv_hints", "extra_key", "cache_salt", "rid", "last_node", "lock", "return_hidden_states")),
     Attributes(f"{_SB}.ScheduleBatch", (
         "reqs", "tree_cache", "prefix_lens", "extend_lens", "extend_logprob_start_lens", "extend_num_tokens",
         "prefill_input_ids_cpu", "out_cache_loc", "req_to_token_pool", "return_logprob",
@@ -119,7 +123,8 @@ ATTRIBUTES: tuple[Attributes, ...] = (
         "req_pool_indices_cpu", "out_cache_loc")),
     Attributes(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend", (
         "indices_updater_prefill", "prefill_wrappers_paged", "forward_metadata", "num_wrappers",
-        "prefill_uses_dequant_workspace", "enable_mis", "req_to_token_pool")),
+        "prefill_uses_dequant_workspace", "enable_mis", "req_to_token_pool", "prefill_kv_access",
+        "decode_kv_access")),
 )
 
 

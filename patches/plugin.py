@@ -66,7 +66,8 @@ def _wrap_attention_backend(name: str, hole_backend: str) -> None:
         return
 
     def create(runner: Any) -> Any:
-        if getattr(runner.server_args, "radix_cache_backend", None) != BACKEND_NAME:
+        if getattr(runner.server_args, "radix_cache_backend", None) != BACKEND_NAME or \
+                getattr(runner, "use_mla_backend", False):  # MLA: SGLang's MLA backends (no hole batches)
             return stock(runner)
         module, cls = hole_backend.split(":")
         backend = getattr(importlib.import_module(module), cls)

@@ -61,7 +61,8 @@ class HoleRadixCache(BasePrefixCache):
 
     def __init__(self, params: CacheInitParams, config: HolesConfig | None = None,
                  recompute_cost: RecomputeCost | None = None, hole_extend: bool = False,
-                 metrics: HoleMetrics | None = None, chunks: ChunkReuse | None = None) -> None:
+                 metrics: HoleMetrics | None = None, chunks: ChunkReuse | None = None,
+                 why_no_holes: str | None = None) -> None:
         if params.page_size != 1:
             raise ValueError("the holes radix cache supports page_size=1 (--page-size 1) for now")
         self.disable = params.disable
@@ -75,6 +76,7 @@ class HoleRadixCache(BasePrefixCache):
         # Whether the attention backend can run hole batches (torch_native, FlashInfer); if not,
         # requests with holes take the stock path (recompute from the first hole).
         self.hole_extend = hole_extend
+        self.why_no_holes = why_no_holes  # reported in /get_server_info
         # Benchmark baseline (mode prefix-only): reuse the leading cached run only.
         self.prefix_only = self.config.prefix_only
         self.device = torch.device(getattr(self.token_to_kv_pool_allocator, "device", "cpu") or "cpu")
@@ -418,6 +420,8 @@ def _stock_only(req: Any) -> str | None:
         return "multimodal"
     if getattr(req, "positional_embed_overrides", None) is not None:
         return "positional overrides"
+    if getattr(req, "return_hidden_states", False):  # a hole request computes only some positions' states
+        return "hidden states"
     if req.return_logprob and req.logprob_start_len not in (-1, None) \
             and req.logprob_start_len < len(req.origin_input_ids):
         return "input logprobs"

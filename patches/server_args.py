@@ -10,14 +10,19 @@ batch and cannot replay a captured plan; decode graphs are unaffected).
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sglang_holes.config import select_platform, selected_platform
 from sglang_holes.patches.platform import PLATFORM_NAME
 from sglang_holes.patches.radix_cache import BACKEND_NAME
+
+logger = logging.getLogger("sglang_holes")
 
 ALWAYS, HOLES, CPU, GPU_HOLES = "always", "holes", "cpu", "gpu+holes"
 HOLE_POLICIES = ("cost-aware", "lru-leaf", "lru")  # --radix-eviction-policy values the holes cache runs
@@ -45,6 +50,10 @@ DEFAULTS: tuple[Default, ...] = (
     # (benchmarks/results/policies.md). `--radix-eviction-policy lru` keeps stock behaviour.
     Default("radix_eviction_policy", "cost-aware", HOLES),
     Default("disable_prefill_cuda_graph", True, GPU_HOLES, unless=("cuda_graph_backend_prefill",)),
+    # SGLang picks FA3 on Hopper and trtllm_mha on Blackwell, which cannot run hole batches (every
+    # request with holes would recompute from its first hole); FlashInfer can, on every CUDA GPU.
+    Default("attention_backend", "flashinfer", GPU_HOLES,
+            unless=("prefill_attention_backend", "decode_attention_backend")),
     Default("device", "cpu", CPU),
     Default("attention_backend", "torch_native", CPU),
     Default("sampling_backend", "pytorch", CPU),
@@ -62,14 +71,32 @@ DEFAULTS: tuple[Default, ...] = (
 )
 
 # Fields whose given value decides which defaults apply (besides the defaults' own fields).
-_DECIDING = ("device", "radix_cache_backend", "cuda_graph_backend_prefill")
+_DECIDING = ("device", "radix_cache_backend", "cuda_graph_backend_prefill", "model_path",
+             "prefill_attention_backend", "decode_attention_backend")
 # (Engine keyword or ServerArgs field; serve flags are parsed by _given_flags)
 
 
-# Settings a ``holes`` server refuses at start (field, value that is refused, why).
-REFUSED: tuple[tuple[str, Any, str], ...] = (
-    ("enable_mixed_chunk", True, "decode rows mixed into a hole extend batch would run at the wrong "
-     "positions; serve without --enable-mixed-chunk"),
+def _is_set(value: Any) -> bool:
+    return value not in (None, False, "", "disabled", "none")
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A setting a ``holes`` server refuses at start: ``field`` whenever ``refused(value)``, because ``why``."""
+
+    field: str
+    refused: Callable[[Any], bool]
+    why: str
+
+
+REFUSED: tuple[Refused, ...] = (
+    Refused("enable_mixed_chunk", _is_set, "decode rows mixed into a hole extend batch would run at the wrong "
+            "positions; serve without --enable-mixed-chunk"),
+    Refused("speculative_algorithm", _is_set, "draft and verify batches do not carry the original positions of "
+            "hole queries; serve without speculative decoding"),
+    Refused("cuda_graph_backend_prefill", _is_set, "hole batches are planned per batch and must never replay a "
+            "captured prefill plan (the default with holes is --disable-prefill-cuda-graph)"),
+    Refused("enable_mis", _is_set, "multi-item scoring runs FlashInfer wrappers a hole batch does not plan"),
 )
 
 
@@ -89,10 +116,27 @@ def refusal(settings: Mapping[str, Any] | Any) -> str | None:
     if policy is not None and policy not in HOLE_POLICIES:
         return (f"the holes radix cache runs --radix-eviction-policy {' or '.join(HOLE_POLICIES)} "
                 f"(lru = stock leaves-only LRU), not {policy!r}")
-    for field, value, why in REFUSED:
-        if get(field) == value:
-            return f"the holes radix cache does not support --{field.replace('_', '-')}: {why}"
+    for r in REFUSED:
+        value = get(r.field)
+        if r.refused(value):
+            shown = "" if value is True else f" {value}"
+            return f"the holes radix cache does not support --{r.field.replace('_', '-')}{shown}: {r.why}"
+    if _prefill_graphs(get("cuda_graph_config")):
+        return ("the holes radix cache does not support prefill CUDA graphs (--cuda-graph-config): hole batches "
+                "are planned per batch and must never replay a captured prefill plan")
     return None
+
+
+def _prefill_graphs(config: Any) -> bool:
+    """Whether a ``--cuda-graph-config`` (JSON text, dict or SGLang's parsed config) captures prefill graphs."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return False
+    prefill = config.get("prefill") if isinstance(config, Mapping) else getattr(config, "prefill", None)
+    backend = prefill.get("backend") if isinstance(prefill, Mapping) else getattr(prefill, "backend", None)
+    return _is_set(backend)
 
 
 def has_cuda() -> bool:
@@ -127,9 +171,25 @@ def missing_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
           GPU_HOLES: cuda and backend == BACKEND_NAME}
     out = {d.field: d.value for d in DEFAULTS
            if on[d.applies] and d.field not in given and not any(u in given for u in d.unless)}
+    if on[GPU_HOLES] and "attention_backend" in out:
+        if is_mla_model(given.get("model_path")):  # MLA runs SGLang's MLA backends (stock path)
+            del out["attention_backend"]
+        else:
+            logger.warning("sglang-holes: --attention-backend flashinfer (runs hole batches; SGLang's own default "
+                           "on Hopper or Blackwell cannot, pass --attention-backend to choose another)")
     if on[CPU]:
         prepare_cpu_environment()
     return out
+
+
+def is_mla_model(model_path: Any) -> bool:
+    """Whether a local model directory holds an MLA model (DeepSeek-style ``kv_lora_rank``)."""
+    try:
+        config = json.loads((Path(str(model_path)) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+    text = config.get("text_config", config)
+    return bool(text.get("kv_lora_rank")) if isinstance(text, dict) else False
 
 
 def apply_engine_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,18 @@ def after_validate(result: Any, manager: Any, obj: Any, input_ids: Any, *_: Any,
         raise ValueError("sglang_holes.chunks hints need the holes radix cache (--radix-cache-backend holes, "
                          "radix cache enabled)")
     hints.check_length(len(input_ids or []))
+    from sglang_holes.patches.cache_factory import HOLE_BACKENDS, quantized_kv
+
+    if (why := quantized_kv(manager.server_args)) is not None:
+        raise ValueError(f"sglang_holes.chunks hints cannot be served here: {why}")
+    args = manager.server_args
+    backends = {getattr(args, "attention_backend", None), getattr(args, "prefill_attention_backend", None)} - {None}
+    if backends and not backends <= set(HOLE_BACKENDS):
+        raise ValueError(f"sglang_holes.chunks hints cannot be served here: attention backend {sorted(backends)} "
+                         f"cannot run hole batches (only {HOLE_BACKENDS})")
+    if getattr(manager.model_config, "model_is_mrope", False) or \
+            str(getattr(getattr(manager.model_config, "attention_arch", None), "name", "")) == "MLA":
+        raise ValueError("sglang_holes.chunks hints cannot be served for this model (3-D RoPE or MLA attention)")
     hf = getattr(manager.model_config, "hf_text_config", None) or manager.model_config.hf_config
     config = hf.to_dict()
     RopeSpec.from_config(config)  # UnsupportedRopeError (a ValueError) for YaRN, dynamic NTK, ...

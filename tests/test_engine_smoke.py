@@ -48,3 +48,9 @@ def test_plugin_loaded_in_scheduler_process(engine):
 
     if not torch.cuda.is_available():
         assert state["platform"] == "HolesCpuPlatform"
+
+
+def test_holes_server_reports_that_it_runs_hole_batches(holes_engine):
+    """``/get_server_info`` says whether hole batches run here (and why not, when they do not)."""
+    cache = holes_engine.get_server_info()["internal_states"][0]["sglang_holes"]["cache"]
+    assert cache["hole_batches"] == "on" and cache["policy"] == "cost-aware", cache

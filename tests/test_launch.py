@@ -33,7 +33,7 @@ def test_gpu_holes_server_disables_the_prefill_graph(monkeypatch, argv, added):
     assert "--device" not in out  # SGLang's GPU defaults stand
     kw = launch.apply_engine_defaults({"radix_cache_backend": "holes"})
     assert kw == {"radix_cache_backend": "holes", "disable_prefill_cuda_graph": True,
-                  "radix_eviction_policy": "cost-aware"}
+                  "radix_eviction_policy": "cost-aware", "attention_backend": "flashinfer"}
 
 
 def test_flag_value():

@@ -1,0 +1,140 @@
+"""Configurations the ``holes`` cache cannot serve exactly: refused at start, or served on SGLang's
+stock path with the reason shown, never silently wrong (issue 13 item 4), and the GPU default
+attention backend that runs hole batches (item 2). SGLang objects are stood in for where the
+real ones need a GPU or a model of that kind; the functions under test are the ones the
+engine calls."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sglang_holes.patches import server_args as launch
+from sglang_holes.patches.cache_factory import _neox_style, quantized_kv, why_no_hole_batches
+
+
+@pytest.mark.parametrize("settings, flag", [
+    ({"speculative_algorithm": "NGRAM"}, "--speculative-algorithm NGRAM"),
+    ({"speculative_algorithm": "STANDALONE"}, "--speculative-algorithm STANDALONE"),
+    ({"speculative_algorithm": "EAGLE"}, "--speculative-algorithm EAGLE"),
+    ({"cuda_graph_backend_prefill": "full"}, "--cuda-graph-backend-prefill full"),
+    ({"enable_mis": True}, "--enable-mis"),
+    ({"enable_mixed_chunk": True}, "--enable-mixed-chunk"),
+])
+def test_refused_at_start(settings, flag):
+    why = launch.refusal(settings)
+    assert why is not None and flag in why, why
+    assert launch.refusal({**settings, "radix_cache_backend": "radix"}) is None  # stock SGLang: not ours
+
+
+def test_prefill_cuda_graphs_through_the_config_are_refused():
+    for config in ('{"prefill": {"backend": "full"}}', {"prefill": {"backend": "breakable"}},
+                   SimpleNamespace(prefill=SimpleNamespace(backend="full"))):
+        assert "prefill CUDA graphs" in launch.refusal({"cuda_graph_config": config})
+    for config in ('{"prefill": {"backend": "disabled"}, "decode": {"backend": "full"}}', None, "not json",
+                   SimpleNamespace(prefill=SimpleNamespace(backend="disabled"))):
+        assert launch.refusal({"cuda_graph_config": config}) is None  # decode graphs are fine
+    assert launch.refusal({"speculative_algorithm": None, "cuda_graph_backend_prefill": "disabled"}) is None
+
+
+def test_engine_refuses_before_starting(monkeypatch):
+    import sglang_holes
+
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
+    with pytest.raises(ValueError, match="speculative decoding"):
+        sglang_holes.Engine(speculative_algorithm="NGRAM", model_path="unused-model")
+
+
+def _ctx(backend: str = "flashinfer", **model: object) -> SimpleNamespace:
+    runner = SimpleNamespace(sliding_window_size=model.pop("runner_window", None))
+    return SimpleNamespace(server_args=SimpleNamespace(attention_backend=backend, prefill_attention_backend=None,
+                                                       kv_cache_dtype="auto"),
+                           model_config=SimpleNamespace(**model), tp_worker=SimpleNamespace(model_runner=runner))
+
+
+def test_models_whose_hole_batches_would_be_wrong_take_the_stock_path():
+    hf = SimpleNamespace(sliding_window=None)
+    assert why_no_hole_batches(_ctx(), hf) is None
+    assert why_no_hole_batches(_ctx("torch_native"), hf) is None
+    assert "mrope" in why_no_hole_batches(_ctx(model_is_mrope=True), hf)  # Qwen2/2.5/3-VL
+    mla = SimpleNamespace(name="MLA")
+    assert "MLA" in why_no_hole_batches(_ctx(attention_arch=mla), hf)
+    assert "MLA" in why_no_hole_batches(_ctx("torch_native", attention_arch=mla), hf)
+    # a window the runner has although the HF config does not say so
+    assert "sliding-window" in why_no_hole_batches(_ctx(runner_window=4096), hf)
+    assert "cannot run hole batches" in why_no_hole_batches(_ctx("fa3"), hf)
+
+
+def test_hole_requests_asking_for_hidden_states_take_the_stock_path():
+    from sglang_holes.patches.radix_cache import _stock_only
+
+    req = SimpleNamespace(multimodal_inputs=None, input_embeds=None, return_logprob=False, logprob_start_len=-1,
+                          origin_input_ids=[1, 2, 3], return_hidden_states=True)
+    assert _stock_only(req) == "hidden states"
+    req.return_hidden_states = False
+    assert _stock_only(req) is None
+
+
+def test_chunk_reuse_needs_an_unquantized_kv_pool():
+    for dtype in ("auto", "bfloat16", "float16", None):
+        assert quantized_kv(SimpleNamespace(kv_cache_dtype=dtype)) is None
+    for dtype in ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1"):
+        assert dtype in quantized_kv(SimpleNamespace(kv_cache_dtype=dtype))
+
+
+def test_chunk_hints_are_refused_where_chunk_reuse_cannot_run():
+    from sglang_holes.chunks.hints import chunk_envelope
+    from sglang_holes.patches.tokenizer_manager import after_validate
+
+    hf = SimpleNamespace(to_dict=lambda: {"rope_theta": 10000.0, "hidden_size": 64, "num_attention_heads": 4})
+    obj = SimpleNamespace(kv_hints=chunk_envelope([(0, 4)], "none"))
+
+    def manager(kv: str = "auto", **model: object) -> SimpleNamespace:
+        return SimpleNamespace(server_args=SimpleNamespace(radix_cache_backend="holes", kv_cache_dtype=kv),
+                               model_config=SimpleNamespace(hf_text_config=hf, hf_config=hf, **model))
+
+    assert after_validate("ok", manager(), obj, [1, 2, 3, 4, 5]) == "ok"
+    with pytest.raises(ValueError, match="quantized KV cache"):
+        after_validate("ok", manager("fp8_e4m3"), obj, [1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="3-D RoPE or MLA"):
+        after_validate("ok", manager(model_is_mrope=True), obj, [1, 2, 3, 4, 5])
+    fa3 = manager()
+    fa3.server_args.attention_backend = "fa3"
+    with pytest.raises(ValueError, match=r"attention backend \['fa3'\] cannot run hole batches"):
+        after_validate("ok", fa3, obj, [1, 2, 3, 4, 5])
+
+
+def test_interleaved_rope_is_detected_from_the_served_model():
+    """Chunk re-rotation follows the model's own rotary layout (GPT-J style pairs when it says so)."""
+    class Rotary(torch.nn.Module):
+        def __init__(self, neox: bool) -> None:
+            super().__init__()
+            self.is_neox_style = neox
+
+    def ctx(model):
+        return SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)))
+
+    assert _neox_style(ctx(torch.nn.Sequential(torch.nn.Linear(2, 2), Rotary(False)))) is False
+    assert _neox_style(ctx(torch.nn.Sequential(Rotary(True)))) is True
+    assert _neox_style(ctx(None)) is True
+
+
+def test_gpu_default_attention_backend_runs_hole_batches(monkeypatch, tmp_path):
+    """With CUDA and the holes cache, SGLang's per-GPU default (FA3 on Hopper, trtllm_mha on
+    Blackwell: no hole batches) is replaced by FlashInfer, unless the user chose; MLA models keep
+    SGLang's MLA backends."""
+    monkeypatch.setattr(launch, "has_cuda", lambda: True)
+    assert launch.apply_engine_defaults({})["attention_backend"] == "flashinfer"
+    assert launch.flag_value(launch.apply_cli_defaults([]), "--attention-backend")[1] == "flashinfer"
+    assert launch.apply_engine_defaults({"attention_backend": "fa3"})["attention_backend"] == "fa3"
+    assert "attention_backend" not in launch.apply_engine_defaults({"prefill_attention_backend": "fa3"})
+    assert "attention_backend" not in launch.apply_engine_defaults({"radix_cache_backend": None})
+    (tmp_path / "config.json").write_text(json.dumps({"kv_lora_rank": 512}))
+    assert "attention_backend" not in launch.apply_engine_defaults({"model_path": str(tmp_path)})
+    assert "attention_backend" not in launch.missing_defaults(launch._given_flags(["--model-path", str(tmp_path)]))
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
+    monkeypatch.setattr(launch, "prepare_cpu_environment", lambda: None)
+    assert launch.apply_engine_defaults({})["attention_backend"] == "torch_native"
