@@ -138,3 +138,30 @@ def test_gpu_default_attention_backend_runs_hole_batches(monkeypatch, tmp_path):
     monkeypatch.setattr(launch, "has_cuda", lambda: False)
     monkeypatch.setattr(launch, "prepare_cpu_environment", lambda: None)
     assert launch.apply_engine_defaults({})["attention_backend"] == "torch_native"
+
+
+def test_flashinfer_subclass_keeps_sglangs_kv_format_check(monkeypatch):
+    """SGLang checks that the KV cache format can be read by FlashInfer only when the backend's
+    class is its own; the holes subclass runs the same check (SGLang's method) itself."""
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+    from sglang_holes.patches.flashinfer_backend import HoleFlashInferAttnBackend
+
+    quant = SimpleNamespace(name="fp4-test", describe_attention_accesses=lambda phase: [])
+
+    def stock_init(self, runner, *args, **kwargs):  # SGLang's __init__ needs CUDA workspaces
+        self.kv_cache_quant_method = quant
+        self.prefill_kv_access, self.decode_kv_access = runner.access
+
+    monkeypatch.setattr(FlashInferAttnBackend, "__init__", stock_init)
+
+    def runner(prefill: object, decode: object, backend: str = "flashinfer") -> SimpleNamespace:
+        return SimpleNamespace(access=(prefill, decode), prefill_attention_backend_str=backend,
+                               decode_attention_backend_str=backend)
+
+    HoleFlashInferAttnBackend(runner(object(), object()))  # readable: builds
+    with pytest.raises(ValueError, match="does not support prefill with flashinfer"):
+        HoleFlashInferAttnBackend(runner(None, object()))
+    with pytest.raises(ValueError, match="does not support decode with flashinfer"):
+        HoleFlashInferAttnBackend(runner(object(), None))
+    HoleFlashInferAttnBackend(runner(None, None, backend="triton"))  # FlashInfer not used for either phase

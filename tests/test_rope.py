@@ -71,3 +71,26 @@ def test_non_composable_rope_is_refused(kind):
     with pytest.raises(UnsupportedRopeError, match=kind):
         RopeSpec.from_config({"hidden_size": 64, "num_attention_heads": 2,
                               "rope_scaling": {"rope_type": kind, "factor": 4.0}})
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_rerotation_follows_sglangs_rotary_layout(neox):
+    """Interleaved (GPT-J style) and NeoX rotary layouts, against SGLang's own ``apply_rotary_emb``
+    (what its ``RotaryEmbedding.forward_native`` calls; angles formed as its cos/sin cache does):
+    keys rotated at ``p`` and re-rotated by ``shift`` equal the keys rotated at ``p + shift``."""
+    from sglang.srt.layers.rotary_embedding.utils import apply_rotary_emb
+
+    heads, d, shift, base = 2, 64, 300, 10000.0
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+    pos = torch.arange(100, 164)
+    k_pre = torch.randn(pos.numel(), heads, d, generator=torch.Generator().manual_seed(1))
+
+    def keys(p: torch.Tensor) -> torch.Tensor:
+        freqs = torch.einsum("i,j -> ij", p.float(), inv)
+        return apply_rotary_emb(k_pre, freqs.cos(), freqs.sin(), neox)
+
+    config = {"hidden_size": heads * d, "num_attention_heads": heads, "rope_theta": base}
+    got, want = rerotate(keys(pos), shift, RopeSpec.from_config(config, neox=neox)), keys(pos + shift)
+    assert (got - want).abs().max().item() <= _bound(int(pos.max()) + shift, want)
+    wrong = rerotate(keys(pos), shift, RopeSpec.from_config(config, neox=not neox))
+    assert (wrong - want).abs().max().item() > 0.1  # the layout matters: the check is not vacuous
