@@ -20,7 +20,7 @@ from typing import Any
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from sglang_holes.attention.segmented import segmented_attention
+from sglang_holes.attention.sdpa import sdpa_attention
 from sglang_holes.config import HolesConfig
 from sglang_holes.patches.forward_batch import BatchHolePlan, hole_plan_from_positions
 
@@ -32,8 +32,10 @@ class HoleTorchNativeAttnBackend(TorchNativeAttnBackend):
 
     def __init__(self, model_runner: Any, *args: Any, config: HolesConfig | None = None, **kwargs: Any) -> None:
         super().__init__(model_runner, *args, **kwargs)
+        config = config or HolesConfig()
         # prefix-only (benchmark baseline): every extend takes the hole attention code.
-        self._every_extend = (config or HolesConfig()).prefix_only
+        self._every_extend = config.prefix_only
+        self._path = config.attention_path
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
@@ -54,16 +56,9 @@ class HoleTorchNativeAttnBackend(TorchNativeAttnBackend):
             )
         q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         window = getattr(layer, "sliding_window_size", None)
-        o = segmented_attention(
-            q_,
-            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            slot_table,
-            plan,
-            backend="sdpa",
-            sm_scale=layer.scaling,
-            logits_soft_cap=layer.logit_cap if getattr(layer, "logit_cap", 0) else None,
-            window_left=window if window is not None and window > -1 else -1,
-        )
+        cap = layer.logit_cap if getattr(layer, "logit_cap", 0) else None
+        o = sdpa_attention(q_, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                           self.token_to_kv_pool.get_value_buffer(layer.layer_id), slot_table, plan,
+                           layer.scaling, cap, window if window is not None and window > -1 else -1, self._path)
         return o.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 

@@ -52,8 +52,10 @@ class HolesConfig:
 
     eviction_policy: a name registered in ``sglang_holes.cache.eviction.EVICTION_POLICIES``.
     eviction_params: the policy's parameters, as ``(name, value)`` pairs (``cost-aware``: ``tau``).
-    attention_path: FlashInfer hole path, ``auto`` (the cost model picks per batch),
-        ``custom_mask`` or ``spans``.
+    attention_path: the hole attention strategy, ``auto`` (chosen per batch), ``custom_mask`` (one
+        masked launch per sequence) or ``spans`` (mask-free per run of missing tokens); on
+        FlashInfer the two plans of that name, on CPU (``sdpa``) one masked SDPA call vs two
+        mask-free fused calls per run merged by log-sum-exp.
     mode: ``holes``, or ``prefix-only`` (benchmark baseline: every extend runs the hole
         attention code but only the leading cached run is reused).
     """

@@ -116,3 +116,22 @@ def test_q_rows_must_match_plan():
 def test_gqa_heads_must_divide():
     with pytest.raises(ValueError, match="multiple"):
         AttentionParams(num_qo_heads=5, num_kv_heads=2, head_dim=8)
+
+
+@pytest.mark.parametrize("max_runs, path, split_used", [(0, "auto", False), (24, "auto", True),
+                                                         (0, "spans", True), (24, "custom_mask", False)])
+def test_sdpa_mask_free_split_and_masked_call_agree(monkeypatch, max_runs, path, split_used):
+    """The CPU path's two strategies for a partly missing sequence: per run, two mask-free fused
+    calls merged by log-sum-exp (``auto``: up to ``MAX_SPLIT_RUNS`` runs; ``spans``: always), else
+    one masked call (``custom_mask``)."""
+    import sglang_holes.attention.sdpa as sdpa
+
+    calls = []
+    split = sdpa._split_runs
+    monkeypatch.setattr(sdpa, "MAX_SPLIT_RUNS", max_runs)
+    monkeypatch.setattr(sdpa, "_split_runs", lambda *a: calls.append(len(a[3])) or split(*a))
+    b = make_batch([200, 64, 9], [[(0, 3), (50, 61), (120, 122), (199, 200)], [(10, 30)], [(0, 9)]], 1,
+                   Hq=6, Hkv=2, D=16, seed=3)
+    out = sdpa.sdpa_attention(b.q, b.k_cache, b.v_cache, b.slot_table, b.plan, path=path)
+    assert rel_err(out, b.expected) <= TOL
+    assert calls == ([4, 1] if split_used else [])  # the fully missing sequence takes the dense causal call
