@@ -84,6 +84,9 @@ def _chunk_reuse(ctx: Any, hf: Any, reason: str | None) -> ChunkReuse | None:
     if reason is not None or hf is None or ctx.disable_radix_cache:
         return None
     config = hf.to_dict()
+    if ctx.params.page_size != 1:  # requests with chunk hints are refused at entry
+        logger.warning("chunk reuse disabled: it needs --page-size 1")
+        return None
     if (why := quantized_kv(ctx.server_args)) is not None:  # requests with chunk hints are refused at entry
         logger.warning("chunk reuse disabled: %s", why)
         return None

@@ -42,7 +42,7 @@ def plan_hole_batch(backend: FlashInferAttnBackend, forward_batch: Any, path: st
     up = backend.indices_updater_prefill
     prefill = flashinfer_hole_prefill(
         forward_batch, backend.req_to_token_pool.req_to_token, path, up.num_qo_heads, up.num_kv_heads,
-        up.head_dim, up.q_data_type, up.data_type, forward_batch.seq_lens.device)
+        up.head_dim, up.q_data_type, up.data_type, forward_batch.seq_lens.device, backend.page_size)
     if prefill is None:
         return None
     if backend.num_wrappers != 1 or backend.prefill_uses_dequant_workspace or backend.enable_mis:

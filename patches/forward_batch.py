@@ -44,7 +44,7 @@ class BatchHolePlan:
 
 
 def hole_plan_from_positions(forward_batch: Any, req_to_token: torch.Tensor,
-                             always: bool = False) -> BatchHolePlan | None:
+                             always: bool = False, page_size: int = 1) -> BatchHolePlan | None:
     """The batch's ``HolePlan``, or None when every request is a plain extend (unless ``always``).
 
     A request's queries sit at ``positions[start:end]``; for a plain extend those are
@@ -70,7 +70,7 @@ def hole_plan_from_positions(forward_batch: Any, req_to_token: torch.Tensor,
     rows = getattr(forward_batch, "req_pool_indices_cpu", None)
     rows = (rows if rows is not None else forward_batch.req_pool_indices).tolist()
     table = [req_to_token[int(r), :n].to(torch.int64) for r, n in zip(rows, seq_lens, strict=True)]
-    return BatchHolePlan(HolePlan.from_holes(seq_lens, holes), table)
+    return BatchHolePlan(HolePlan.from_holes(seq_lens, holes, page_size), table)
 
 
 @dataclass(frozen=True)
@@ -96,13 +96,14 @@ def flashinfer_hole_prefill(
     q_data_type: torch.dtype,
     kv_data_type: torch.dtype,
     device: torch.device | str,
+    page_size: int = 1,
 ) -> FlashInferHolePrefill | None:
     """The paged-prefill plan of a hole batch (None for a batch without holes).
 
     ``path`` is ``custom_mask``, ``spans`` or ``auto`` (``sglang_holes.attention.path_cost.choose_path``).
     Sliding windows are not handled here: a model with one takes the stock path.
     """
-    batch = hole_plan_from_positions(forward_batch, req_to_token)
+    batch = hole_plan_from_positions(forward_batch, req_to_token, page_size=page_size)
     if batch is None:
         return None
     if path == "auto":

@@ -123,7 +123,7 @@ ATTRIBUTES: tuple[Attributes, ...] = (
         "req_pool_indices_cpu", "out_cache_loc")),
     Attributes(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend", (
         "indices_updater_prefill", "prefill_wrappers_paged", "forward_metadata", "num_wrappers",
-        "prefill_uses_dequant_workspace", "enable_mis", "req_to_token_pool", "prefill_kv_access",
+        "prefill_uses_dequant_workspace", "enable_mis", "req_to_token_pool", "page_size", "prefill_kv_access",
         "decode_kv_access")),
 )
 

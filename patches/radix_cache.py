@@ -63,8 +63,6 @@ class HoleRadixCache(BasePrefixCache):
                  recompute_cost: RecomputeCost | None = None, hole_extend: bool = False,
                  metrics: HoleMetrics | None = None, chunks: ChunkReuse | None = None,
                  why_no_holes: str | None = None) -> None:
-        if params.page_size != 1:
-            raise ValueError("the holes radix cache supports page_size=1 (--page-size 1) for now")
         self.disable = params.disable
         self.req_to_token_pool = params.req_to_token_pool
         self.token_to_kv_pool_allocator = params.token_to_kv_pool_allocator
@@ -346,6 +344,8 @@ class HoleRadixCache(BasePrefixCache):
                    cache_salt: Any = None) -> int:
         """Drop the KV of positions ``[start, end)`` of a cached prompt; return how many slots were freed.
 
+        With ``page_size > 1`` the span grows to whole pages (a page is cached whole or not at all).
+
         Raises ``ValueError`` (cache unchanged) for a prompt not in the cache, a span that is
         empty, reversed or out of range, or KV locked by a running request.
         """
@@ -354,6 +354,9 @@ class HoleRadixCache(BasePrefixCache):
         tree = self.namespaces.find((extra_key, cache_salt))
         if tree is None:
             raise ValueError("this prompt is not in the cache")
+        P = self.page_size
+        if P > 1 and start < end:  # KV lives in whole pages: a partly evicted page is a hole of the whole page
+            start, end = start // P * P, min(-(-end // P) * P, len(input_ids) // P * P)
         with self.namespaces.tracked(tree):
             freed = tree.evict_span(list(input_ids), start, end)
         if freed.numel():

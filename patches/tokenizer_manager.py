@@ -45,6 +45,8 @@ def after_validate(result: Any, manager: Any, obj: Any, input_ids: Any, *_: Any,
     if (why := quantized_kv(manager.server_args)) is not None:
         raise ValueError(f"sglang_holes.chunks hints cannot be served here: {why}")
     args = manager.server_args
+    if (getattr(args, "page_size", None) or 1) != 1:
+        raise ValueError("sglang_holes.chunks hints cannot be served here: chunk reuse needs --page-size 1")
     backends = {getattr(args, "attention_backend", None), getattr(args, "prefill_attention_backend", None)} - {None}
     if backends and not backends <= set(HOLE_BACKENDS):
         raise ValueError(f"sglang_holes.chunks hints cannot be served here: attention backend {sorted(backends)} "

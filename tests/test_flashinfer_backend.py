@@ -48,6 +48,7 @@ def _backend(req_to_token: torch.Tensor, pool: MHATokenToKVPool, path: str, num_
     """SGLang's FlashInfer backend minus its CUDA workspaces, with the interpreter as its paged wrapper."""
     b = object.__new__(HoleFlashInferAttnBackend)
     b.hole_path = path
+    b.page_size = 1
     b.indices_updater_prefill = SimpleNamespace(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D,
                                                 q_data_type=torch.float32, data_type=torch.float32)
     b.req_to_token_pool = SimpleNamespace(req_to_token=req_to_token)

@@ -101,6 +101,10 @@ def test_chunk_hints_are_refused_where_chunk_reuse_cannot_run():
         after_validate("ok", manager("fp8_e4m3"), obj, [1, 2, 3, 4, 5])
     with pytest.raises(ValueError, match="3-D RoPE or MLA"):
         after_validate("ok", manager(model_is_mrope=True), obj, [1, 2, 3, 4, 5])
+    paged = manager()
+    paged.server_args.page_size = 16
+    with pytest.raises(ValueError, match="needs --page-size 1"):
+        after_validate("ok", paged, obj, [1, 2, 3, 4, 5])
     fa3 = manager()
     fa3.server_args.attention_backend = "fa3"
     with pytest.raises(ValueError, match=r"attention backend \['fa3'\] cannot run hole batches"):
