@@ -44,6 +44,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
 from sglang_holes.cache.eviction import make_policy
+from sglang_holes.cache.extend_plan import subtract_spans
 from sglang_holes.cache.namespaces import Namespaces
 from sglang_holes.cache.recompute_cost import RecomputeCost
 from sglang_holes.cache.tree import HoleTree, Node, TreeHandle
@@ -51,7 +52,7 @@ from sglang_holes.config import HolesConfig
 from sglang_holes.patches.hooks import BACKEND_NAME
 from sglang_holes.patches.metrics import COUNTERS, HoleMetrics
 from sglang_holes.patches.radix_cache_chunks import ChunkMatch, ChunkReuse
-from sglang_holes.patches.request_holes import HoleFill, holes_of
+from sglang_holes.patches.request_holes import HoleFill, holes_of, stock_path_reason
 
 __all__ = ["BACKEND_NAME", "HoleRadixCache"]
 
@@ -138,7 +139,7 @@ class HoleRadixCache(BasePrefixCache):
         if beyond <= 0 or rec is None:
             node = result.prefix_node
             return MatchResult(result.cached_prefix_len, node, node, node)
-        if not self.hole_extend or _stock_only(params.req) is not None:
+        if not self.hole_extend or stock_path_reason(params.req) is not None:
             rec.fallback = True  # counted when the request is scheduled
             node = result.prefix_node
             return MatchResult(result.cached_prefix_len, node, node, node)
@@ -153,7 +154,7 @@ class HoleRadixCache(BasePrefixCache):
         """Chunk mode never reads the exact tree (nor writes it: see checkpoint); its reuse comes from
         the chunk store, shown to SGLang in virtual order like a hole fill (``radix_cache_chunks``)."""
         fill = None
-        if self.hole_extend and _stock_only(req) in (None, "input logprobs"):
+        if self.hole_extend and stock_path_reason(req) in (None, "input logprobs"):
             room = self.token_to_kv_pool_allocator.available_size() + self.evictable_size()
             fill = self.chunks.match(req, max_prefix, room)
         if fill is None:
@@ -192,7 +193,7 @@ class HoleRadixCache(BasePrefixCache):
         """Free row ranges, never a borrowed span (the tree's slots a hole request reused)."""
         borrowed = self.borrowed.get(kv.req_pool_idx)
         if borrowed:
-            ranges = _subtract(ranges, borrowed)
+            ranges = subtract_spans(ranges, borrowed)
         super().free_kv_row(kv, ranges)
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
@@ -400,32 +401,3 @@ class HoleRadixCache(BasePrefixCache):
             self.chunks.store.check_integrity()
         owned = self.all_values_flatten()
         assert owned.unique().numel() == owned.numel(), "a slot is owned by two namespaces (or tree and store)"
-
-
-def _subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Half-open ``ranges`` without the positions in ``minus`` (both ascending, disjoint)."""
-    out = []
-    for a, b in ranges:
-        for s, e in minus:
-            if e <= a or s >= b:
-                continue
-            if s > a:
-                out.append((a, s))
-            a = max(a, e)
-        if a < b:
-            out.append((a, b))
-    return out
-
-
-def _stock_only(req: Any) -> str | None:
-    """Why a request with KV beyond a hole must take SGLang's stock path (None: it can fill holes)."""
-    if req.multimodal_inputs is not None or req.input_embeds is not None:
-        return "multimodal"
-    if getattr(req, "positional_embed_overrides", None) is not None:
-        return "positional overrides"
-    if getattr(req, "return_hidden_states", False):  # a hole request computes only some positions' states
-        return "hidden states"
-    if req.return_logprob and req.logprob_start_len not in (-1, None) \
-            and req.logprob_start_len < len(req.origin_input_ids):
-        return "input logprobs"
-    return None

@@ -79,3 +79,17 @@ def holes_of(req: Any) -> RequestHoles:
         rec = RequestHoles(find_chunk_hints(getattr(req, "kv_hints", None)))
         setattr(req, ATTR, rec)
     return rec
+
+
+def stock_path_reason(req: Any) -> str | None:
+    """Why a request with KV beyond a hole must take SGLang's stock path (None: it can fill holes)."""
+    if req.multimodal_inputs is not None or req.input_embeds is not None:
+        return "multimodal"
+    if getattr(req, "positional_embed_overrides", None) is not None:
+        return "positional overrides"
+    if getattr(req, "return_hidden_states", False):  # a hole request computes only some positions' states
+        return "hidden states"
+    if req.return_logprob and req.logprob_start_len not in (-1, None) \
+            and req.logprob_start_len < len(req.origin_input_ids):
+        return "input logprobs"
+    return None

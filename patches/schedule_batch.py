@@ -193,8 +193,8 @@ class _LogprobTargets:
     def __init__(self, batch: Any) -> None:
         self.batch = batch
         self.old = batch.extend_input_logprob_token_ids if batch.return_logprob else None
-        counts = [e - s for e, s in zip(batch.extend_lens, batch.extend_logprob_start_lens, strict=True)]
-        self.bounds = [0, *itertools.accumulate(counts)]
+        starts = batch.extend_logprob_start_lens if self.old is not None else batch.extend_lens
+        self.bounds = [0, *itertools.accumulate(e - s for e, s in zip(batch.extend_lens, starts, strict=True))]
         self.parts: dict[int, torch.Tensor] = {}
 
     def replace(self, i: int, req: Any, queries: torch.Tensor) -> int:

@@ -69,13 +69,13 @@ def test_models_whose_hole_batches_would_be_wrong_take_the_stock_path():
 
 
 def test_hole_requests_asking_for_hidden_states_take_the_stock_path():
-    from sglang_holes.patches.radix_cache import _stock_only
+    from sglang_holes.patches.request_holes import stock_path_reason
 
     req = SimpleNamespace(multimodal_inputs=None, input_embeds=None, return_logprob=False, logprob_start_len=-1,
                           origin_input_ids=[1, 2, 3], return_hidden_states=True)
-    assert _stock_only(req) == "hidden states"
+    assert stock_path_reason(req) == "hidden states"
     req.return_hidden_states = False
-    assert _stock_only(req) is None
+    assert stock_path_reason(req) is None
 
 
 def test_chunk_reuse_needs_an_unquantized_kv_pool():
