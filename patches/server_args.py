@@ -66,8 +66,11 @@ DEFAULTS: tuple[Default, ...] = (
     # runner from reserving most of its memory.
     Default("max_total_tokens", 65536, CPU),
     # SGLang derives this from the chunk size and device memory; on a CPU a large
-    # --chunked-prefill-size (16384) makes it negative and the server refuses to start.
-    Default("mem_fraction_static", 0.5, CPU),
+    # --chunked-prefill-size (16384) makes it negative and the server refuses to start. Its
+    # runtime slack is (1 - this) x the free RAM before loading, and free host RAM also moves
+    # with every other process: 0.5 refused to start when another engine grew meanwhile
+    # (the pool itself stays capped by --max-total-tokens).
+    Default("mem_fraction_static", 0.8, CPU),
 )
 
 # Fields whose given value decides which defaults apply (besides the defaults' own fields).

@@ -89,7 +89,7 @@ def test_eviction_policy_through_sglangs_flag(monkeypatch):
 def test_cpu_defaults_start_with_a_large_chunk_size(monkeypatch):
     monkeypatch.setattr(launch, "has_cuda", lambda: False)
     monkeypatch.setattr(launch, "prepare_cpu_environment", lambda: None)
-    assert launch.apply_engine_defaults({"chunked_prefill_size": 16384})["mem_fraction_static"] == 0.5
+    assert launch.apply_engine_defaults({"chunked_prefill_size": 16384})["mem_fraction_static"] == 0.8
 
 
 def test_mixed_chunk_is_refused_with_the_holes_cache():
