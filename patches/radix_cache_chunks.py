@@ -91,7 +91,7 @@ class ChunkReuse:
         plan = st.plan
         if plan is None:
             return None
-        entries = tuple({id(e): e for e in hits if e is not None}.values())
+        entries = _distinct(hits)
         borrowed = int(plan.borrowed.sum())
         pin = sum(len(e) for e in entries if not e.lock_ref)
         if borrowed > max_prefix or plan.order.numel() + pin > room:
@@ -148,19 +148,18 @@ class ChunkReuse:
         """The entries a request whose prefill is complete still reads (in place, until release)."""
         st = holes_of(req).chunk
         plan = st.plan
-        keep = [e for (s, end), e in zip(st.hints.chunks, st.hits, strict=True)
-                if e is not None and bool(plan.borrowed[s:end].any())]
-        return ChunkMatch(tuple({id(e): e for e in keep}.values()))
+        return ChunkMatch(_distinct([e for (s, end), e in zip(st.hints.chunks, st.hits, strict=True)
+                                     if e is not None and bool(plan.borrowed[s:end].any())]))
 
     def copy_in(self, plan: ChunkFill, positions: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the stored KV of copied ``positions`` (int64) into slots ``dst``, K re-rotated."""
         delta = plan.delta[positions]  # host
         pool = self.allocator.get_kvcache()
         for d in delta.unique().tolist():
-            sel = positions[delta == d]  # host indices only: nothing here syncs the device
-            at = (delta == d).nonzero().flatten()
-            copy_rerotated(pool.k_buffer, pool.v_buffer, plan.src.index_select(0, sel.to(plan.src.device)),
-                           dst.index_select(0, at.to(dst.device)), int(d), self.rope)
+            at = (delta == d).nonzero().flatten()  # host indices only: nothing here syncs the device
+            src = plan.src.index_select(0, positions[at].to(plan.src.device))
+            copy_rerotated(pool.k_buffer, pool.v_buffer, src, dst.index_select(0, at.to(dst.device)), int(d),
+                           self.rope)
 
     def committed(self, req: Any, reused: int) -> None:
         """A chunk request's first extend ran: its hits are reused (never stored again), recency refreshed."""
@@ -231,6 +230,11 @@ class ChunkReuse:
             for entry in rec.chunk.locked:
                 self.store.unlock(entry)
         rec.chunk = None
+
+
+def _distinct(entries: list[ChunkEntry | None]) -> tuple[ChunkEntry, ...]:
+    """The entries, each once (a chunk may repeat in a prompt), in order; None dropped."""
+    return tuple({id(e): e for e in entries if e is not None}.values())
 
 
 def _input_logprob_start(req: Any, n: int) -> int | None:

@@ -315,7 +315,7 @@ def test_chunk_requests_under_chunked_prefill(chunked, tiny_engines):
         _compare(eng.generate(input_ids=ids, kv_hints=hints, **kw), ref, "computes all")
     assert _check_pool(chunked)["chunks"]["entries"] == 7
     got = chunked.generate(input_ids=ids, kv_hints=_separated(docs, q, 7, "none")[1], **kw)
-    n, seps = len(ids), [e for _, e in _spans(docs)]
+    n, seps = len(ids), [e for s, e in hints["actions"][0]["payload"]["chunks"][:-1]]
     assert got["meta_info"]["chunk_reuse"]["reused_tokens"] == n - len(seps) - 1
     assert got["meta_info"]["hole_spans"] == [[p, p + 1] for p in seps] + [[n - 1, n]]
     _compare(got, ref, "in place, chunked")
@@ -331,15 +331,6 @@ def test_chunk_requests_under_chunked_prefill(chunked, tiny_engines):
         _check_pool(chunked)
     assert chunked.flush_cache().success
     assert _check_pool(chunked)["available"] == CHUNKED_POOL
-
-
-def _spans(docs: list[list[int]]) -> list[tuple[int, int]]:
-    """Where ``_separated`` puts each doc."""
-    out, pos = [], 0
-    for d in docs:
-        out.append((pos, pos + len(d)))
-        pos += len(d) + 1
-    return out
 
 
 def test_an_extend_of_copies_only_computes_its_last_position(chunked, tiny_engines):

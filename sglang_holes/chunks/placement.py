@@ -74,6 +74,7 @@ def plan_chunk_fill(chunks: Sequence[Span], hits: Sequence[ChunkEntry | None], r
     device = next((e.slots.device for e in hits if e is not None), torch.device("cpu"))
     src = torch.full((n,), -1, dtype=torch.int64, device=device)  # slot ids stay on the pool's device
     delta = torch.zeros(n, dtype=torch.int64)
+    covered = torch.zeros(n, dtype=torch.bool)
     for (s, e), entry in zip(chunks, hits, strict=True):
         if entry is None:
             continue
@@ -81,9 +82,7 @@ def plan_chunk_fill(chunks: Sequence[Span], hits: Sequence[ChunkEntry | None], r
             raise ValueError(f"chunk [{s}, {e}) matched a stored entry of {len(entry)} tokens")
         src[s:e] = entry.slots.to(torch.int64)
         delta[s:e] = s - entry.offset
-    covered = torch.zeros(n, dtype=torch.bool)
-    for (s, e), entry in zip(chunks, hits, strict=True):
-        covered[s:e] |= entry is not None
+        covered[s:e] = True
     if bool((~recompute & ~covered).any()):
         raise ValueError("a position outside every stored chunk is marked reused")
     src.masked_fill_(recompute.to(device), -1)  # not boolean indexing: that would sync a GPU
