@@ -20,7 +20,7 @@ from sglang_holes.patches.server_args import refusal
 
 logger = logging.getLogger("sglang_holes")
 
-HOLE_BACKENDS = ("torch_native", "flashinfer")
+HOLE_BACKENDS = ("torch_native", "flashinfer", "fa3")
 
 
 def why_no_hole_batches(ctx: Any, hf: Any) -> str | None:
@@ -35,6 +35,10 @@ def why_no_hole_batches(ctx: Any, hf: Any) -> str | None:
     backends = {getattr(args, "attention_backend", None), getattr(args, "prefill_attention_backend", None)} - {None}
     if not backends or not backends <= set(HOLE_BACKENDS):
         return f"attention backend {sorted(backends) or 'default'} cannot run hole batches (only {HOLE_BACKENDS})"
+    if (getattr(args, "attn_cp_size", None) or 1) > 1:
+        return "context parallelism splits a prefill by position across ranks; hole batches are not split"
+    if "fa3" in backends and (why := _why_not_fa3(ctx, args)) is not None:
+        return why
     if "flashinfer" in backends:
         # SGLang's FlashInfer backend needs several wrappers for these; hole batches use one.
         if hf is not None and getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", True):
@@ -46,6 +50,18 @@ def why_no_hole_batches(ctx: Any, hf: Any) -> str | None:
             return "FlashInfer hole batches do not support encoder-decoder models"
         if "fp4" in str(getattr(args, "kv_cache_dtype", "")):
             return "FlashInfer hole batches do not support an FP4 KV cache"
+    return None
+
+
+def _why_not_fa3(ctx: Any, args: Any) -> str | None:
+    """What keeps SGLang's FA3 extend from being one kernel call per layer over the batch's runs."""
+    model = ctx.model_config
+    if getattr(model, "is_local_attention_model", False):
+        return "FA3 hole batches do not support local (chunked) attention models"
+    if getattr(model, "is_encoder_decoder", False):
+        return "FA3 hole batches do not support encoder-decoder models"
+    if str(getattr(args, "kv_cache_dtype", None) or "auto") != "auto":
+        return "FA3 hole batches do not support a quantized KV cache (its descales are per sequence)"
     return None
 
 

@@ -40,9 +40,11 @@ def plan_hole_batch(backend: FlashInferAttnBackend, forward_batch: Any, path: st
     if not mode.is_extend() or mode.is_target_verify():
         return None
     up = backend.indices_updater_prefill
+    # Page size 1 whatever the server's: SGLang plans its paged wrapper with token slots and hands
+    # it the pool's [slots, H, D] buffers, which FlashInfer reads as pages of one token.
     prefill = flashinfer_hole_prefill(
         forward_batch, backend.req_to_token_pool.req_to_token, path, up.num_qo_heads, up.num_kv_heads,
-        up.head_dim, up.q_data_type, up.data_type, forward_batch.seq_lens.device, backend.page_size)
+        up.head_dim, up.q_data_type, up.data_type, forward_batch.seq_lens.device, page_size=1)
     if prefill is None:
         return None
     if backend.num_wrappers != 1 or backend.prefill_uses_dequant_workspace or backend.enable_mis:

@@ -91,7 +91,12 @@ REGISTRY_ENTRIES: tuple[RegistryEntry, ...] = (
     RegistryEntry("sglang.srt.arg_groups.choices.add_radix_eviction_policy_choices", "cost-aware"),
     RegistryEntry(f"{_ATTN}.attention_registry.ATTENTION_BACKENDS", "torch_native"),
     RegistryEntry(f"{_ATTN}.attention_registry.ATTENTION_BACKENDS", "flashinfer"),
+    RegistryEntry(f"{_ATTN}.attention_registry.ATTENTION_BACKENDS", "fa3"),
 )
+
+# Modules that load CUDA kernels at import (``sgl_kernel``): ``verify()`` checks their entries where
+# CUDA is present; the contract test checks them on CPU through a stand-in ``sgl_kernel``.
+CUDA_ONLY = (f"{_ATTN}.flashattention_backend.",)
 
 SUBCLASSED: tuple[Subclassed, ...] = (
     Subclassed("sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache",
@@ -102,6 +107,7 @@ SUBCLASSED: tuple[Subclassed, ...] = (
                ("init_forward_metadata", "forward_extend")),
     Subclassed(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend",
                ("init_forward_metadata", "forward_extend", "_check_kv_attention_access")),
+    Subclassed(f"{_ATTN}.flashattention_backend.FlashAttentionBackend", ("init_forward_metadata", "forward_extend")),
 )
 
 ATTRIBUTES: tuple[Attributes, ...] = (
@@ -125,6 +131,13 @@ ATTRIBUTES: tuple[Attributes, ...] = (
         "indices_updater_prefill", "prefill_wrappers_paged", "forward_metadata", "num_wrappers",
         "prefill_uses_dequant_workspace", "enable_mis", "req_to_token_pool", "page_size", "prefill_kv_access",
         "decode_kv_access")),
+    Attributes(f"{_ATTN}.flashattention_backend.FlashAttentionBackend", (
+        "forward_metadata", "req_to_token_pool", "page_size", "use_mla", "local_attn_builder",
+        "use_sliding_window_kv_pool", "kv_index_translator", "_kv_shard_pool", "attn_cp_size", "kv_cache_dtype_str",
+        "is_encoder_decoder", "fa_impl_ver")),
+    Attributes(f"{_ATTN}.flashattention_backend.FlashAttentionMetadata", (
+        "page_table", "cu_seqlens_q", "cache_seqlens_int32", "cu_seqlens_k", "max_seq_len_q", "max_seq_len_k",
+        "scheduler_metadata")),
 )
 
 
@@ -160,6 +173,13 @@ INVARIANTS: tuple[Invariant, ...] = (
     Invariant("sglang.srt.managers.scheduler.Scheduler.run_batch",
               "self.forward_stream.wait_stream(self.schedule_stream)",
               "the forward runs after the schedule stream's work: chunk KV copies land before attention reads them"),
+    # The FA3 hole path rewrites the extend metadata; SGLang's forward_extend must hand it to the kernel as is.
+    Invariant(f"{_ATTN}.flashattention_backend.FlashAttentionBackend.forward_extend",
+              "cache_seqlens = metadata.cache_seqlens_int32",
+              "each run's key count (its end) reaches flash_attn_with_kvcache"),
+    Invariant(f"{_ATTN}.flashattention_backend.FlashAttentionBackend.forward_extend",
+              "causal=False if use_cascade_attn else causal",
+              "extends run causal (bottom-right aligned): query i of a run [s, e) sees keys [0, s + i]"),
 )
 
 
@@ -230,17 +250,28 @@ def check_invariant(inv: Invariant) -> None:
         raise ContractError(f"{inv.target} no longer contains `{inv.code}`, which sglang-holes relies on: {inv.why}")
 
 
-def verify() -> None:
-    """Check every entry of the table against the installed SGLang (``ContractError`` on the first mismatch)."""
+def verify(cuda_only: bool | None = None) -> None:
+    """Check every entry of the table against the installed SGLang (``ContractError`` on the first mismatch).
+
+    Entries in ``CUDA_ONLY`` modules are checked when ``cuda_only`` (default: CUDA is available).
+    """
+    if cuda_only is None:
+        import torch
+
+        cuda_only = torch.cuda.is_available()
+
+    def wanted(target: str) -> bool:
+        return cuda_only or not target.startswith(CUDA_ONLY)
+
     for spec in HOOKS:
         check_hook(spec)
     for entry in REGISTRY_ENTRIES:
         check_registry(entry)
-    for sub in SUBCLASSED:
+    for sub in filter(lambda s: wanted(s.cls), SUBCLASSED):
         check_subclassed(sub)
-    for attrs in ATTRIBUTES:
+    for attrs in filter(lambda a: wanted(a.cls), ATTRIBUTES):
         check_attributes(attrs)
-    for inv in INVARIANTS:
+    for inv in filter(lambda i: wanted(i.target), INVARIANTS):
         check_invariant(inv)
 
 

@@ -42,6 +42,7 @@ def load() -> None:
     _add_eviction_policy_choices()
     _wrap_attention_backend("torch_native", "sglang_holes.patches.torch_native_backend:HoleTorchNativeAttnBackend")
     _wrap_attention_backend("flashinfer", "sglang_holes.patches.flashinfer_backend:HoleFlashInferAttnBackend")
+    _wrap_attention_backend("fa3", "sglang_holes.patches.fa3_backend:HoleFlashAttentionBackend")
     # Every hook acts only on servers that select --radix-cache-backend holes (or is read-only).
     register_hooks()
 

@@ -5,7 +5,8 @@ On a machine without CUDA, SGLang 0.5.23 runs with ``device="cpu"``,
 ``attention_backend="torch_native"`` and ``dtype="float32"`` on the out-of-tree CPU
 platform (``patches/platform.py``). With a GPU, SGLang's own defaults stand, except that
 a ``holes`` server does not capture prefill CUDA graphs (hole batches are planned per
-batch and cannot replay a captured plan; decode graphs are unaffected).
+batch and cannot replay a captured plan; decode graphs are unaffected) and gets an
+attention backend that runs hole batches on that GPU (``hole_attention_backend``).
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ DEFAULTS: tuple[Default, ...] = (
     # (benchmarks/results/policies.md). `--radix-eviction-policy lru` keeps stock behaviour.
     Default("radix_eviction_policy", "cost-aware", HOLES),
     Default("disable_prefill_cuda_graph", True, GPU_HOLES, unless=("cuda_graph_backend_prefill",)),
-    # SGLang picks FA3 on Hopper and trtllm_mha on Blackwell, which cannot run hole batches (every
-    # request with holes would recompute from its first hole); FlashInfer can, on every CUDA GPU.
-    Default("attention_backend", "flashinfer", GPU_HOLES,
+    # A backend that runs hole batches, for this GPU (``hole_attention_backend``): SGLang's own FA3 on
+    # Hopper; FlashInfer elsewhere (SGLang picks trtllm_mha on Blackwell, which cannot run them).
+    Default("attention_backend", "auto-holes", GPU_HOLES,
             unless=("prefill_attention_backend", "decode_attention_backend")),
     Default("device", "cpu", CPU),
     Default("attention_backend", "torch_native", CPU),
@@ -148,6 +149,22 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_generation() -> tuple[int, tuple[int, int]]:
+    """(compute capability major, CUDA version) of GPU 0."""
+    import torch
+
+    cuda = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
+    return torch.cuda.get_device_capability(0)[0], cuda
+
+
+def hole_attention_backend() -> str:
+    """The hole-capable attention backend for this GPU: ``fa3`` where SGLang picks it (Hopper with
+    CUDA >= 12.3), ``flashinfer`` elsewhere (Ampere, Ada, and Blackwell, where SGLang's
+    ``trtllm_mha`` runs no hole batches)."""
+    major, cuda = gpu_generation()
+    return "fa3" if major == 9 and cuda >= (12, 3) else "flashinfer"
+
+
 def prepare_cpu_environment() -> None:
     """Select the out-of-tree CPU platform for this process and every process it spawns.
 
@@ -178,8 +195,9 @@ def missing_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
         if is_mla_model(given.get("model_path")):  # MLA runs SGLang's MLA backends (stock path)
             del out["attention_backend"]
         else:
-            logger.warning("sglang-holes: --attention-backend flashinfer (runs hole batches; SGLang's own default "
-                           "on Hopper or Blackwell cannot, pass --attention-backend to choose another)")
+            out["attention_backend"] = hole_attention_backend()
+            logger.warning("sglang-holes: --attention-backend %s (runs hole batches on this GPU; pass "
+                           "--attention-backend to choose another)", out["attention_backend"])
     if on[CPU]:
         prepare_cpu_environment()
     return out

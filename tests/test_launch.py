@@ -28,6 +28,7 @@ def test_cpu_defaults_yield_to_explicit_flags(monkeypatch):
 def test_gpu_holes_server_disables_the_prefill_graph(monkeypatch, argv, added):
     """Hole batches are planned per batch: a captured prefill graph cannot replay them."""
     monkeypatch.setattr(launch, "has_cuda", lambda: True)
+    monkeypatch.setattr(launch, "gpu_generation", lambda: (8, (12, 4)))
     out = launch.apply_cli_defaults(argv)
     assert ("--disable-prefill-cuda-graph" in out) == added
     assert "--device" not in out  # SGLang's GPU defaults stand

@@ -65,7 +65,21 @@ def test_models_whose_hole_batches_would_be_wrong_take_the_stock_path():
     assert "MLA" in why_no_hole_batches(_ctx("torch_native", attention_arch=mla), hf)
     # a window the runner has although the HF config does not say so
     assert "sliding-window" in why_no_hole_batches(_ctx(runner_window=4096), hf)
-    assert "cannot run hole batches" in why_no_hole_batches(_ctx("fa3"), hf)
+    assert "cannot run hole batches" in why_no_hole_batches(_ctx("trtllm_mha"), hf)
+    assert "cannot run hole batches" in why_no_hole_batches(_ctx("fa4"), hf)
+
+
+def test_fa3_runs_hole_batches_except_where_its_extend_is_not_one_call():
+    hf = SimpleNamespace(sliding_window=4096)
+    assert why_no_hole_batches(_ctx("fa3", runner_window=4096), hf) is None  # FA3 windows are exact per run
+    assert "local (chunked) attention" in why_no_hole_batches(_ctx("fa3", is_local_attention_model=True), hf)
+    assert "encoder-decoder" in why_no_hole_batches(_ctx("fa3", is_encoder_decoder=True), hf)
+    fp8 = _ctx("fa3")
+    fp8.server_args.kv_cache_dtype = "fp8_e4m3"
+    assert "quantized KV cache" in why_no_hole_batches(fp8, hf)
+    cp = _ctx("fa3")
+    cp.server_args.attn_cp_size = 2
+    assert "context parallelism" in why_no_hole_batches(cp, hf)
 
 
 def test_hole_requests_asking_for_hidden_states_take_the_stock_path():
@@ -105,10 +119,10 @@ def test_chunk_hints_are_refused_where_chunk_reuse_cannot_run():
     paged.server_args.page_size = 16
     with pytest.raises(ValueError, match="needs --page-size 1"):
         after_validate("ok", paged, obj, [1, 2, 3, 4, 5])
-    fa3 = manager()
-    fa3.server_args.attention_backend = "fa3"
-    with pytest.raises(ValueError, match=r"attention backend \['fa3'\] cannot run hole batches"):
-        after_validate("ok", fa3, obj, [1, 2, 3, 4, 5])
+    trtllm = manager()
+    trtllm.server_args.attention_backend = "trtllm_mha"
+    with pytest.raises(ValueError, match=r"attention backend \['trtllm_mha'\] cannot run hole batches"):
+        after_validate("ok", trtllm, obj, [1, 2, 3, 4, 5])
 
 
 def test_interleaved_rope_is_detected_from_the_served_model():
@@ -126,14 +140,20 @@ def test_interleaved_rope_is_detected_from_the_served_model():
     assert _neox_style(ctx(None)) is True
 
 
-def test_gpu_default_attention_backend_runs_hole_batches(monkeypatch, tmp_path):
-    """With CUDA and the holes cache, SGLang's per-GPU default (FA3 on Hopper, trtllm_mha on
-    Blackwell: no hole batches) is replaced by FlashInfer, unless the user chose; MLA models keep
-    SGLang's MLA backends."""
+@pytest.mark.parametrize("gpu, cuda, backend", [
+    (9, (12, 4), "fa3"),  # Hopper: SGLang's own FA3, which runs hole batches
+    (9, (12, 2), "flashinfer"),  # Hopper with an old CUDA: SGLang would not pick FA3 either
+    (10, (12, 8), "flashinfer"),  # Blackwell: SGLang's trtllm_mha runs none
+    (8, (12, 4), "flashinfer"),  # Ampere / Ada
+])
+def test_gpu_default_attention_backend_runs_hole_batches(monkeypatch, tmp_path, gpu, cuda, backend):
+    """With CUDA and the holes cache the default backend runs hole batches on that GPU, unless the
+    user chose; MLA models keep SGLang's MLA backends."""
     monkeypatch.setattr(launch, "has_cuda", lambda: True)
-    assert launch.apply_engine_defaults({})["attention_backend"] == "flashinfer"
-    assert launch.flag_value(launch.apply_cli_defaults([]), "--attention-backend")[1] == "flashinfer"
-    assert launch.apply_engine_defaults({"attention_backend": "fa3"})["attention_backend"] == "fa3"
+    monkeypatch.setattr(launch, "gpu_generation", lambda: (gpu, cuda))
+    assert launch.apply_engine_defaults({})["attention_backend"] == backend
+    assert launch.flag_value(launch.apply_cli_defaults([]), "--attention-backend")[1] == backend
+    assert launch.apply_engine_defaults({"attention_backend": "triton"})["attention_backend"] == "triton"
     assert "attention_backend" not in launch.apply_engine_defaults({"prefill_attention_backend": "fa3"})
     assert "attention_backend" not in launch.apply_engine_defaults({"radix_cache_backend": None})
     (tmp_path / "config.json").write_text(json.dumps({"kv_lora_rank": 512}))

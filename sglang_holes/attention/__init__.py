@@ -6,6 +6,8 @@
 * ``reference`` / ``sdpa`` -- the pure-torch oracle and the CPU fast path next to it.
 * ``flashinfer_interpreter`` -- FlashInfer's documented plan()/run() semantics in pure torch,
   so the exact tensors the GPU kernels receive are checked on CPU.
+* ``flash_attn_interpreter`` -- the same for FlashAttention 3's ``flash_attn_with_kvcache``
+  (paged, varlen, bottom-right causal), fed by ``HolePlan.flash_attn_inputs``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -97,6 +97,30 @@ def _validate(seq_lens: Sequence[int], holes: Sequence[Sequence[Span]], page_siz
                     f"(spans must be sorted and disjoint)"
                 )
             prev_end = e
+
+
+class FlashAttnInputs(NamedTuple):
+    """What FlashAttention's ``flash_attn_with_kvcache`` takes for a hole batch: one varlen query
+    segment per run ``[s, e)`` (``HolePlan.runs``), ``cache_seqlens = e``.
+
+    FlashAttention aligns its causal mask (and window) bottom-right, so query ``i`` of a run sees
+    keys ``[0, s + i]``: its original position. Host tensors; the caller moves them.
+
+    Attributes:
+        run_seq: int64 ``[R]``, the batch row of each run (selects the row of the batch's page table).
+        cu_seqlens_q: int32 ``[R + 1]``, compacted-query offsets per run.
+        cache_seqlens: int32 ``[R]``, keys each run reads: positions ``[0, e)``.
+        cu_seqlens_k: int32 ``[R + 1]``, cumulative ``cache_seqlens``.
+        max_seqlen_q: the longest run, in tokens.
+        max_seqlen_k: the largest ``e``, in tokens.
+    """
+
+    run_seq: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cache_seqlens: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
 
 
 def _merge_adjacent(spans: Sequence[Span]) -> list[Span]:
@@ -187,6 +211,27 @@ class HolePlan:
 
     def positions_of(self, i: int) -> torch.Tensor:
         return self.q_positions[int(self.seq_q_indptr[i]) : int(self.seq_q_indptr[i + 1])]
+
+    # ------------------------------------------------------------------ FlashAttention inputs
+
+    def flash_attn_inputs(self) -> FlashAttnInputs:
+        """The varlen metadata of ``flash_attn_with_kvcache`` for this plan (see ``FlashAttnInputs``).
+
+        Pages need no planning here: the kernel reads position ``p`` of a run through its
+        sequence's page-table row (``run_seq``), as SGLang's own extend does.
+        """
+        lengths = [e - s for _, s, e in self.runs]
+        ends = [e for _, _, e in self.runs]
+        i32 = torch.int32
+        zero = torch.zeros(1, dtype=i32)
+        return FlashAttnInputs(
+            run_seq=torch.tensor([i for i, _, _ in self.runs], dtype=torch.int64),
+            cu_seqlens_q=torch.cat([zero, torch.tensor(lengths, dtype=i32).cumsum(0, dtype=i32)]),
+            cache_seqlens=torch.tensor(ends, dtype=i32),
+            cu_seqlens_k=torch.cat([zero, torch.tensor(ends, dtype=i32).cumsum(0, dtype=i32)]),
+            max_seqlen_q=max(lengths, default=0),
+            max_seqlen_k=max(ends, default=0),
+        )
 
     # ------------------------------------------------------------------ FlashInfer inputs
 
