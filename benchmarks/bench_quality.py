@@ -1,6 +1,6 @@
 """RAG chunk reuse: answer quality vs recomputed tokens, and TTFT, on MuSiQue (real engine, CPU).
 
-    .venv/bin/python benchmarks/bench_quality.py [--questions 30] [--passage-tokens 150] [--configs none,first_k:16,...]
+    .venv/bin/python benchmarks/bench_quality.py [--questions 50] [--passage-tokens 150] [--configs none,query:0.15,...]
 
 Workload: ../shared/data/musique_s.json, 10 passages per question, chat-formatted for
 the embedded SmolLM2-135M-Instruct. Passages are truncated to ``--passage-tokens``
@@ -15,7 +15,12 @@ Configs, side by side in one run, one request at a time:
 * ``full``: stock SGLang with no prefix cache (every token computed): the reference;
 * ``exact``: the ``holes`` radix cache without chunk hints (exact reuse; here only the
   shared instruction prefix, since the order changed);
-* ``none`` / ``first_k`` (k = 4, 16, 32) / ``deviation`` (5-30%): chunk mode.
+* ``none`` / ``first_k`` / ``deviation`` / ``query`` (and ``query`` + each chunk's first
+  tokens) at recompute ratios 5-30%: chunk mode;
+* ``oracle`` (diagnostic, at the same ratios): knows the full-recompute KV and recomputes the
+  reused tokens whose KV, over ALL layers, deviates most from it (computed in this process by
+  ``LlamaStack`` from the model's weights, sent as an ``explicit`` recompute set). It is the
+  ceiling of selecting by KV deviation, so it tells a selection problem from a model limit.
 
 Metrics (per config, over all questions):
 
@@ -49,9 +54,10 @@ from tqdm import tqdm
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "musique_s.json"
 SYSTEM = "Answer the question using the passages. Reply with a short answer only."
-CHUNK_CONFIGS = [("none", {}), ("first_k", {"k": 4}), ("first_k", {"k": 16}), ("first_k", {"k": 32}),
-                 ("deviation", {"ratio": 0.05}), ("deviation", {"ratio": 0.10}), ("deviation", {"ratio": 0.20}),
-                 ("deviation", {"ratio": 0.30})]
+RATIOS = (0.05, 0.10, 0.15, 0.20, 0.30)
+CHUNK_CONFIGS = ([("none", {}), ("first_k", {"k": 16})]
+                 + [(p, {"ratio": r}) for p in ("deviation", "query", "oracle") for r in RATIOS]
+                 + [("query", {"ratio": r, "k": 4}) for r in (0.10, 0.15)] + [("query", {"ratio": 0.15, "layers": 30})])
 ANSWER_TOKENS = 32
 TOP = 20
 
@@ -59,21 +65,28 @@ TOP = 20
 def label(policy: str, params: dict) -> str:
     if policy == "first_k":
         return f"first_k k={params['k']}"
-    if policy == "deviation":
-        return f"deviation {round(100 * params['ratio'])}%"
+    if "ratio" in params:
+        extra = "".join(f" {k}={v}" for k, v in params.items() if k != "ratio")
+        return f"{policy} {round(100 * params['ratio'])}%{extra}"
     return policy
 
 
 def parse_config(text: str) -> tuple[str, dict]:
-    """``none`` | ``first_k:K`` | ``deviation:RATIO`` -> (policy, params)."""
-    policy, _, value = text.strip().partition(":")
-    if policy == "first_k":
-        return policy, {"k": int(value)}
-    if policy == "deviation":
-        return policy, {"ratio": float(value)}
-    if policy == "none" and not value:
-        return policy, {}
-    raise SystemExit(f"bad config {text!r}: none | first_k:K | deviation:RATIO")
+    """``none`` | ``first_k:K`` | ``deviation|query|oracle:RATIO[:k=K][:layers=L]`` -> (policy, params)."""
+    policy, *values = text.strip().split(":")
+    try:
+        if policy == "first_k" and len(values) == 1:
+            return policy, {"k": int(values[0])}
+        if policy in ("deviation", "query", "oracle") and values:
+            extra = dict(v.split("=", 1) for v in values[1:])
+            if set(extra) - {"k", "layers"}:
+                raise ValueError(extra)
+            return policy, {"ratio": float(values[0]), **{k: int(v) for k, v in extra.items()}}
+        if policy == "none" and not values:
+            return policy, {}
+    except ValueError:
+        pass
+    raise SystemExit(f"bad config {text!r}: none | first_k:K | deviation|query|oracle:RATIO[:k=K][:layers=L]")
 
 
 def _normalize(text: str) -> list[str]:
@@ -121,6 +134,54 @@ class Prompts:
         return ids, chunks
 
 
+class Oracle:
+    """Per prompt position, how far the placed chunk KV is from full-recompute KV over ALL layers."""
+
+    def __init__(self, model_dir: str) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        from sglang_holes.chunks.llama_stack import LlamaStack
+
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        state = load_file(str(Path(model_dir) / "model.safetensors"))
+        self.stack = LlamaStack.from_state(state, config, int(config["num_hidden_layers"]))
+        self.torch = torch
+
+    def deviation(self, ids1: list[int], chunks1: list[tuple], order1: list[int], ids: list[int],
+                  chunks: list[tuple], order: list[int]):
+        """``[n]``: sum over layers of ||K_full - K_placed||² + ||V_full - V_placed||² (0 outside chunks).
+
+        The store holds each passage's KV as computed in ``ids1`` (the first request computed it
+        all); the request places it at its offset in ``ids``, K re-rotated.
+        """
+        from sglang_holes.chunks.rope import rerotate
+
+        torch = self.torch
+        with torch.no_grad():
+            first = self.stack.run(torch.tensor(ids1))
+            full = self.stack.run(torch.tensor(ids))
+        dev = torch.zeros(len(ids))
+        for passage, (s, e) in zip(order, chunks, strict=True):
+            s1, e1 = chunks1[order1.index(passage)]
+            for k1, v1, k, v in zip(first.k, first.v, full.k, full.v, strict=True):
+                placed = rerotate(k1[s1:e1], s - s1, self.stack.rope)
+                dev[s:e] += (k[s:e] - placed).pow(2).flatten(1).sum(1) + (v[s:e] - v1[s1:e1]).pow(2).flatten(1).sum(1)
+        return dev
+
+    @staticmethod
+    def recompute_spans(dev, chunks: list[tuple], ratio: float) -> list[tuple]:
+        """The ``ratio`` fraction of reusable tokens with the largest ``dev``, as spans (the count the
+        scored policies take for the same hints)."""
+        from sglang_holes.attention.plan import spans_from_positions
+        from sglang_holes.chunks.hints import ChunkHints, unscored_mask
+
+        cand = (~unscored_mask(len(dev), ChunkHints(tuple(chunks), "none"), [True] * len(chunks))).nonzero().flatten()
+        take = round(ratio * cand.numel())
+        chosen = sorted(cand[dev[cand].topk(take).indices].tolist()) if take else []
+        return spans_from_positions(chosen)
+
+
 def _engines(model: str):
     import sglang_holes
 
@@ -160,7 +221,9 @@ def evaluate(args, chunk_configs: list[tuple[str, dict]]) -> dict:
     from sglang_holes.patches.engine import shutdown_all
 
     data = json.loads(DATA.read_text())[: args.questions]
-    full, holes = _engines(resolve_model_path(None))
+    model_dir = resolve_model_path(None)
+    oracle = Oracle(model_dir) if any(p == "oracle" for p, _ in chunk_configs) else None
+    full, holes = _engines(model_dir)
     prompts = Prompts(holes.tokenizer_manager.tokenizer, args.passage_tokens)
     rng = random.Random(args.seed)
     names = ["full", "exact"] + [label(p, k) for p, k in chunk_configs]
@@ -189,18 +252,28 @@ def evaluate(args, chunk_configs: list[tuple[str, dict]]) -> dict:
             dt, meta = _ttft(full, input_ids=ids)
             _record(per["full"], dt, meta, ref_rows, ref_rows, answer, ref, item)
 
-            configs = [("exact", None)] + [(label(p, k), chunk_envelope(chunks, p, **k)) for p, k in chunk_configs]
+            dev = oracle.deviation(ids1, chunks1, first, ids, chunks, second) if oracle else None
+            configs = [("exact", None)] + [(label(p, k), _envelope(chunks, p, k, dev)) for p, k in chunk_configs]
             for name, hints in configs:
                 kw = {"kv_hints": hints} if hints else {}
                 # (exact: after the timed request the tree holds this prompt; its quality is exact either way)
                 dt, meta = _ttft(holes, input_ids=ids, **kw)
                 gen = holes.generate(input_ids=ids, sampling_params={"max_new_tokens": ANSWER_TOKENS,
-                                                                     "temperature": 0.0}, **kw)
+                                                                     "temperature": 0.0}, **kw) \
+                    if args.greedy else None
                 rows = _teacher_forced(holes, ids, answer, vocab, **kw)
                 _record(per[name], dt, meta, ref_rows, rows, answer, gen, item)
     finally:
         shutdown_all([full, holes])
     return {"per": per, "questions": len(data)}
+
+
+def _envelope(chunks: list[tuple], policy: str, params: dict, dev) -> dict:
+    from sglang_holes.chunks.hints import chunk_envelope
+
+    if policy == "oracle":
+        return chunk_envelope(chunks, "explicit", recompute=Oracle.recompute_spans(dev, chunks, params["ratio"]))
+    return chunk_envelope(chunks, policy, **params)
 
 
 def _record(acc: dict, dt: float, meta: dict, ref_rows: list, rows: list, answer: list[int], gen: dict,
@@ -213,8 +286,9 @@ def _record(acc: dict, dt: float, meta: dict, ref_rows: list, rows: list, answer
         acc["top1"].append(float(top1 == tok))
         acc["mass"].append(sum(math.exp(v) for v in p.values()))
         acc["kl"].append(sum(math.exp(lp) * (lp - q.get(t, -30.0)) for t, lp in p.items()))
-    acc["match32"].append(float(gen["output_ids"][:ANSWER_TOKENS] == answer[:ANSWER_TOKENS]))
-    acc["f1"].append(token_f1(gen["text"], item["answers"]))
+    if gen is not None:  # greedy generation (full always; chunk configs with --greedy)
+        acc["match32"].append(float(gen["output_ids"][:ANSWER_TOKENS] == answer[:ANSWER_TOKENS]))
+        acc["f1"].append(token_f1(gen["text"], item["answers"]))
 
 
 def summarize(per: dict) -> list[dict]:
@@ -225,8 +299,9 @@ def summarize(per: dict) -> list[dict]:
             continue
         rows.append({"config": name, "recompute": statistics.mean(acc["recompute"]),
                      "top1": statistics.mean(acc["top1"]), "kl": statistics.mean(acc["kl"]),
-                     "mass": statistics.mean(acc["mass"]), "match32": statistics.mean(acc["match32"]),
-                     "f1": statistics.mean(acc["f1"]), "ttft_s": statistics.median(acc["ttft"]),
+                     "mass": statistics.mean(acc["mass"]),
+                     "match32": statistics.mean(acc["match32"]) if acc["match32"] else None,
+                     "f1": statistics.mean(acc["f1"]) if acc["f1"] else None, "ttft_s": statistics.median(acc["ttft"]),
                      "speedup": full_ttft / statistics.median(acc["ttft"]),
                      "paired_speedup": statistics.median(f / t for f, t in zip(per["full"]["ttft"], acc["ttft"],
                                                                                strict=True))})
@@ -237,42 +312,68 @@ def write_table(rows: list[dict], meta: dict, path: Path) -> None:
     lines = [f"Machine: {meta['machine']}. {meta['questions']} MuSiQue questions, 10 passages each truncated to "
              f"{meta['passage_tokens']} tokens (prompts {meta['prompt_tokens_min']}-{meta['prompt_tokens_max']} "
              f"tokens), SmolLM2-135M-Instruct fp32, torch_native. Command: `{meta['command']}`.", "",
+             "`query` TTFT includes its probe; `oracle` TTFT excludes its selection (a diagnostic: it reads the "
+             "full-recompute KV). `query` defaults to 8 probe layers; `k=4`: plus each reused chunk's first 4 tokens. "
+             "First-32 match and F1 (greedy answers) only where generated (`--greedy`).", "",
              "| config | recomputed | top-1 | KL (top-20) | first-32 match | F1 | TTFT (median) | speedup vs full |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        match = "–" if r["match32"] is None else f"{100 * r['match32']:.0f}%"
+        f1 = "–" if r["f1"] is None else f"{r['f1']:.3f}"
         lines.append(f"| {r['config']} | {100 * r['recompute']:.1f}% | {100 * r['top1']:.1f}% | {r['kl']:.3f} | "
-                     f"{100 * r['match32']:.0f}% | {r['f1']:.3f} | {1000 * r['ttft_s']:.0f} ms | "
-                     f"{r['speedup']:.2f}x |")
+                     f"{match} | {f1} | {1000 * r['ttft_s']:.0f} ms | {r['speedup']:.2f}x |")
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    groups = {"first_k": "tab:blue", "deviation": "tab:orange"}
-    for prefix, color in groups.items():
-        pts = sorted((r["recompute"], r) for r in rows if r["config"].startswith(prefix))
-        a.plot([100 * x for x, _ in pts], [100 * r["top1"] for _, r in pts], "o-", color=color, label=prefix)
-        b.plot([100 * x for x, _ in pts], [r["speedup"] for _, r in pts], "o-", color=color, label=prefix)
-        for x, r in pts:
-            a.annotate(r["config"].split(" ", 1)[1], (100 * x, 100 * r["top1"]), fontsize=7,
-                       xytext=(3, -9), textcoords="offset points")
-    for name, marker, color in (("none", "s", "tab:red"), ("exact", "^", "tab:green"), ("full", "D", "black")):
-        r = next(r for r in rows if r["config"] == name)
-        a.plot(100 * r["recompute"], 100 * r["top1"], marker, color=color, label=name)
-        b.plot(100 * r["recompute"], r["speedup"], marker, color=color, label=name)
-    a.axhline(95, ls=":", color="grey")
-    a.axvline(20, ls=":", color="grey")
-    a.set(xlabel="recomputed prompt tokens (%)", ylabel="teacher-forced top-1 agreement with full (%)",
-          title="Quality vs recompute")
-    b.axhline(3, ls=":", color="grey")
-    b.set(xlabel="recomputed prompt tokens (%)", ylabel="TTFT speedup vs full recompute (x)", title="Speed")
-    a.legend(fontsize=8)
-    b.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    groups = {"deviation": "tab:orange", "query": "tab:blue", "oracle": "tab:purple"}
+
+    def family(name: str) -> str | None:
+        head, _, rest = name.partition(" ")
+        if head not in groups:
+            return None
+        return head + (" + first k" if "k=" in rest else "")
+
+    series: dict[str, list] = {}
+    for r in rows:
+        if (f := family(r["config"])) is not None:
+            series.setdefault(f, []).append(r)
+    for f, pts in series.items():
+        pts.sort(key=lambda r: r["recompute"])
+        xs = [100 * r["recompute"] for r in pts]
+        style = dict(color=groups[f.split(" ")[0]], ls="--" if "first k" in f else "-", marker="o", label=f)
+        axes[0].plot(xs, [100 * r["top1"] for r in pts], **style)
+        axes[1].plot(xs, [r["kl"] for r in pts], **style)
+        axes[2].plot(xs, [r["speedup"] for r in pts], **style)
+    others = (("none", "s", "tab:red"), ("first_k k=16", "v", "tab:brown"), ("exact", "^", "tab:green"),
+              ("full", "D", "black"))
+    for name, marker, color in others:
+        r = next((r for r in rows if r["config"] == name), None)
+        if r is not None:
+            for ax, y in zip(axes, (100 * r["top1"], r["kl"], r["speedup"]), strict=True):
+                ax.plot(100 * r["recompute"], y, marker, color=color, label=name)
+    none = next((r for r in rows if r["config"] == "none"), None)
+    axes[0].axhline(95, ls=":", color="grey")
+    if none is not None:
+        axes[1].axhline(none["kl"] / 2, ls=":", color="grey")
+    for ax in axes:
+        ax.axvline(15, ls=":", color="grey")
+    axes[2].axhline(3, ls=":", color="grey")
+    axes[0].set(xlabel="recomputed prompt tokens (%)", ylabel="top-1 agreement with full (%)",
+                title="Quality (target 95% at <= 15%)")
+    axes[1].set(xlabel="recomputed prompt tokens (%)", ylabel="KL(full || config), top-20",
+                title="KL (target: half of none's)")
+    axes[2].set(xlabel="recomputed prompt tokens (%)", ylabel="TTFT speedup vs full (x)",
+                title="Speed (oracle: selection cost excluded)")
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -281,13 +382,15 @@ def main() -> None:
     import sys
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--questions", type=int, default=30)
+    ap.add_argument("--questions", type=int, default=50)
     ap.add_argument("--passage-tokens", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--configs", default=None,
                     help="chunk configs instead of the default sweep, e.g. 'none,first_k:140,deviation:0.9'")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--name", default="quality", help="stem of the output files")
+    ap.add_argument("--greedy", action="store_true",
+                    help="also generate 32 tokens greedily per config (first-32 match, F1): slower")
     args = ap.parse_args()
     if not DATA.exists():
         raise SystemExit(f"{DATA} not found (the MuSiQue sample lives in ../shared/data)")
@@ -301,8 +404,8 @@ def main() -> None:
     (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "per": result["per"]},
                                                          indent=1))
     write_table(rows, meta, args.out / f"{args.name}.md")
-    if args.configs is None:
-        plot(rows, args.out / f"{args.name}.png")
+    plot(rows, args.out / f"{args.name}.png", f"{meta['questions']} MuSiQue questions, passages of "
+         f"{meta['passage_tokens']} tokens, SmolLM2-135M")
     print((args.out / f"{args.name}.md").read_text())
 
 

@@ -68,7 +68,8 @@ class Engine(SGLangEngine):
 
     def generate(self, prompt: Any = None, sampling_params: Any = None, input_ids: Any = None, *args: Any,
                  prompt_chunks: list[str | list[int]] | None = None, chunk_policy: str = "first_k",
-                 chunk_k: int | None = None, chunk_ratio: float | None = None, **kwargs: Any) -> Any:
+                 chunk_k: int | None = None, chunk_ratio: float | None = None, chunk_layers: int | None = None,
+                 **kwargs: Any) -> Any:
         """``sglang.Engine.generate``, plus chunked RAG prompts.
 
         ``prompt_chunks``: one request's prompt as a list of chunks (documents, then the
@@ -77,13 +78,17 @@ class Engine(SGLangEngine):
         namespace: ``extra_key`` / cache salt), K re-rotated to the new position.
         ``chunk_policy``: ``none`` | ``first_k`` (recompute the first ``chunk_k`` tokens of
         each reused chunk, default 16) | ``deviation`` (recompute the ``chunk_ratio`` fraction,
-        default 0.15, of reused tokens whose layer-1 KV deviates most). Approximate by nature:
+        default 0.15, of reused tokens whose layer-1 KV deviates most) | ``query`` (the
+        ``chunk_ratio`` fraction the request's own computed tokens attend to most through the
+        first ``chunk_layers`` layers, default 8); with the last two, ``chunk_k`` (default 0)
+        also recomputes each reused chunk's first tokens. Approximate by nature:
         ``meta_info["chunk_reuse"]`` reports what was reused. ``ValueError`` for bad input.
         """
         if prompt_chunks is not None:
             if prompt is not None or input_ids is not None or kwargs.get("kv_hints") is not None:
                 raise ValueError("pass prompt_chunks instead of prompt / input_ids / kv_hints, not with them")
-            params = {k: v for k, v in (("k", chunk_k), ("ratio", chunk_ratio)) if v is not None}
+            given = (("k", chunk_k), ("ratio", chunk_ratio), ("layers", chunk_layers))
+            params = {k: v for k, v in given if v is not None}
             input_ids, kwargs["kv_hints"], _ = self.chunked_prompt(prompt_chunks, chunk_policy, **params)
         return super().generate(prompt, sampling_params, input_ids, *args, **kwargs)
 

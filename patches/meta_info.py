@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sglang_holes.chunks.hints import SCORED
+
 RECOMPUTED = "recomputed_tokens"
 SPANS = "hole_spans"
 CHUNKS = "chunk_reuse"
@@ -57,8 +59,13 @@ def record_chunk_reuse(req: Any, state: Any) -> None:
     """``meta_info["chunk_reuse"]`` of a chunk-mode request: policy, chunks, chunks and tokens reused."""
     info = req.customized_info if req.customized_info is not None else {}
     hints = state.hints
-    params = {"k": hints.k} if hints.policy == "first_k" else {"ratio": hints.ratio} \
-        if hints.policy == "deviation" else {}
+    params = {"k": hints.k} if hints.policy == "first_k" or hints.k else {}
+    if hints.policy in SCORED:
+        params["ratio"] = hints.ratio
+    if hints.policy == "query":
+        params["layers"] = hints.layers
+    if hints.policy == "explicit":
+        params["recompute"] = [list(span) for span in hints.recompute]
     info[CHUNKS] = [{"policy": hints.policy, **params, "chunks": len(hints.chunks),
                      "reused_chunks": sum(e is not None for e in state.hits),
                      "reused_tokens": state.reused_tokens}]

@@ -7,7 +7,8 @@ entry, ``patches/tokenizer_manager.py``) runs in chunk mode:
   up each chunk by content in the request's namespace (extra key, cache salt), and plans
   the reuse (``chunks/placement.ChunkFill``): which positions read a stored chunk in place,
   which get a re-rotated copy, which the policy recomputes (``deviation`` scores the stored
-  KV as it would be placed). SGLang is shown the in-place positions as the prefix and the
+  KV as it would be placed, ``query`` runs the probe over the request's computed tokens
+  against it). SGLang is shown the in-place positions as the prefix and the
   rest as the extend (virtual order, ``patches/request_holes.HoleFill``), so it budgets,
   chunks (chunked prefill) and allocates only those; its admission lock on the returned
   ``ChunkMatch`` pins the entries read.
@@ -28,9 +29,10 @@ from typing import Any
 
 import torch
 
-from sglang_holes.chunks.deviation import ProbeWeights, deviation_scores
-from sglang_holes.chunks.hints import ChunkHints, recompute_mask
+from sglang_holes.chunks.deviation import deviation_scores
+from sglang_holes.chunks.hints import SCORED, ChunkHints, recompute_mask, unscored_mask
 from sglang_holes.chunks.kv_copy import copy_rerotated
+from sglang_holes.chunks.llama_stack import LlamaStack
 from sglang_holes.chunks.placement import ChunkFill, plan_chunk_fill
 from sglang_holes.chunks.rope import RopeSpec, rerotate
 from sglang_holes.chunks.state import ChunkState
@@ -56,12 +58,12 @@ class ChunkReuse:
     """The chunk store of one ``HoleRadixCache`` and the chunk-mode steps (module docstring)."""
 
     def __init__(self, allocator: Any, rope: RopeSpec,
-                 probe_loader: Callable[[], ProbeWeights] | None = None) -> None:
+                 probe_loader: Callable[[], LlamaStack] | None = None) -> None:
         self.store = ChunkStore()
         self.allocator = allocator
         self.rope = rope
         self._probe_loader = probe_loader
-        self._probe: ProbeWeights | None = None
+        self._probe: LlamaStack | None = None
 
     def reset(self) -> None:
         """Forget every chunk (``flush_cache``: SGLang has already freed every slot)."""
@@ -102,24 +104,57 @@ class ChunkReuse:
         reused = [e is not None for e in hits]
         if not any(reused):
             return None
+        forced = _input_logprob_start(req, n)
         try:
-            scores = self._deviation(req, hints, hits, n) if hints.policy == "deviation" else None
-            recompute = recompute_mask(n, hints, reused, scores, _input_logprob_start(req, n))
+            scores = self._scores(req, hints, hits, unscored_mask(n, hints, reused, forced)) \
+                if hints.policy in SCORED else None
+            recompute = recompute_mask(n, hints, reused, scores, forced)
         except Exception:  # validated at entry; never take the scheduler down over a score
             logger.exception("chunk reuse planning failed; request %s recomputes its chunks", req.rid)
             return None
         return None if bool(recompute.all()) else plan_chunk_fill(hints.chunks, hits, recompute)
 
-    def _deviation(self, req: Any, hints: ChunkHints, hits: list[ChunkEntry | None], n: int) -> torch.Tensor:
-        """Scores of the stored layer-1 KV as it would be placed (K re-rotated) against the probe's."""
+    def _scores(self, req: Any, hints: ChunkHints, hits: list[ChunkEntry | None], computed: torch.Tensor
+                ) -> torch.Tensor:
+        """``[n]`` scores of a scored policy; ``computed``: the positions recomputed whatever the scores.
+
+        ``deviation``: layer 1's full-context KV (the probe over every position) against the stored
+        KV as placed. ``query``: attention mass that the computed positions from the end of the
+        last reused chunk on (the question; all computed positions if none) pay to each key,
+        through the first ``layers`` layers, computed against the placed KV: what the request's
+        own prefill would attend to if nothing more were recomputed.
+        """
         if self._probe is None:
             if self._probe_loader is None:
-                raise ValueError("the deviation policy is not available on this server")
+                raise ValueError(f"the {hints.policy} policy is not available on this server")
             self._probe = self._probe_loader()
-        full_k, full_v = self._probe.layer1_kv(torch.tensor(req.origin_input_ids, dtype=torch.int64))
+        ids = torch.tensor(req.origin_input_ids, dtype=torch.int64)
+        if hints.policy == "deviation":
+            full = self._probe.run(ids, layers=2)
+            placed_k, placed_v = self._placed(hints, hits, 1, full.k[1], full.v[1])
+            return deviation_scores(full.k[1], full.v[1], placed_k, placed_v)
+        last_end = max(e for (_, e), entry in zip(hints.chunks, hits, strict=True) if entry is not None)
+        scored = computed.clone()
+        scored[:last_end] = False
+        if not bool(scored.any()):
+            scored = computed
         pool = self.allocator.get_kvcache()
-        kb, vb = pool.k_buffer[1], pool.v_buffer[1]
-        placed_k, placed_v = torch.zeros_like(full_k), torch.zeros_like(full_v)
+        shape = (ids.numel(), *pool.k_buffer[0].shape[1:])
+
+        def placed(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+            zeros = pool.k_buffer[layer].new_zeros(shape)
+            return self._placed(hints, hits, layer, zeros, zeros.clone())
+
+        out = self._probe.run(ids, computed, placed, min(hints.layers, self._probe.num_layers), scored)
+        return out.mass
+
+    def _placed(self, hints: ChunkHints, hits: list[ChunkEntry | None], layer: int, k_like: torch.Tensor,
+                v_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (re-rotated) and V ``[n, kv_heads, head_dim]`` of the stored chunks as the request would
+        place them at ``layer``; rows outside reused chunks are zeros."""
+        pool = self.allocator.get_kvcache()
+        kb, vb = pool.k_buffer[layer], pool.v_buffer[layer]
+        placed_k, placed_v = torch.zeros_like(k_like), torch.zeros_like(v_like)
         for (s, e), entry in zip(hints.chunks, hits, strict=True):
             if entry is None:
                 continue
@@ -128,7 +163,7 @@ class ChunkReuse:
             delta = s - entry.offset
             placed_k[s:e] = (rerotate(k, delta, self.rope) if delta else k).to(placed_k)
             placed_v[s:e] = vb[slots].to(placed_v)
-        return deviation_scores(full_k, full_v, placed_k, placed_v)
+        return placed_k, placed_v
 
     # ----------------------------------------------------------------- locks and copies
 
@@ -245,15 +280,16 @@ def _input_logprob_start(req: Any, n: int) -> int | None:
     return None
 
 
-def probe_loader_for(tp_worker: Any, config: dict[str, Any]) -> Callable[[], ProbeWeights]:
-    """Builds the deviation probe from the served model's weights on first use (Hugging Face names)."""
+def probe_loader_for(tp_worker: Any, config: dict[str, Any]) -> Callable[[], LlamaStack]:
+    """Builds the chunk probe (``LlamaStack``, every layer) from the served model's weights on first
+    use: views of them under Hugging Face names, nothing copied (the model's dtype is kept)."""
 
-    def load() -> ProbeWeights:
+    def load() -> LlamaStack:
         model = tp_worker.model_runner.model
         heads, kv, hd = attention_dims(config)
         state: dict[str, torch.Tensor] = {}
         for name, p in model.named_parameters():
-            if not name.startswith(("model.embed_tokens.", "model.layers.0.", "model.layers.1.")):
+            if not name.startswith(("model.embed_tokens.", "model.layers.")):
                 continue
             if ".qkv_proj." in name:
                 q, k, v = p.detach().split([heads * hd, kv * hd, kv * hd], dim=0)
@@ -265,6 +301,6 @@ def probe_loader_for(tp_worker: Any, config: dict[str, Any]) -> Callable[[], Pro
                 state[name.replace("gate_up_proj", "up_proj")] = u
             else:
                 state[name] = p.detach()
-        return ProbeWeights.from_state(state, config)
+        return LlamaStack.from_state(state, config, int(config["num_hidden_layers"]), dtype=None)
 
     return load

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sglang_holes.chunks.deviation import check_supported
+from sglang_holes.chunks.hints import SCORED
+from sglang_holes.chunks.llama_stack import check_supported
 from sglang_holes.chunks.rope import RopeSpec
 from sglang_holes.patches.hooks import BACKEND_NAME
 from sglang_holes.patches.kv_hints import find_chunk_hints
@@ -57,6 +58,6 @@ def after_validate(result: Any, manager: Any, obj: Any, input_ids: Any, *_: Any,
     hf = getattr(manager.model_config, "hf_text_config", None) or manager.model_config.hf_config
     config = hf.to_dict()
     RopeSpec.from_config(config)  # UnsupportedRopeError (a ValueError) for YaRN, dynamic NTK, ...
-    if hints.policy == "deviation":
+    if hints.policy in SCORED:
         check_supported(config, getattr(manager.server_args, "tp_size", 1))
     return result

@@ -103,8 +103,38 @@ def test_first_k_covering_every_chunk_equals_exact(chunk_engine, engine, tokeniz
     _same(got, _gen(engine, input_ids=d3 + d1 + d2 + q))
 
 
+def test_query_with_ratio_one_equals_full_recompute(chunk_engine, engine, tokenizer):
+    """``query`` at ratio 1 recomputes every reused token: the output is the cold run's; the
+    probe ran (its scores only order tokens, so this checks the plumbing, not the scores)."""
+    d1, d2, d3 = _docs(tokenizer, 6, 3)
+    q = _question(tokenizer, "Which box holds 7 coins?")
+    chunk_engine.generate(prompt_chunks=[d1, d2, d3, q], sampling_params=SAMPLING)
+    got = _gen(chunk_engine, prompt_chunks=[d2, d1, d3, q], chunk_policy="query", chunk_ratio=1.0)
+    reuse = got["meta_info"]["chunk_reuse"]
+    assert reuse == {"policy": "query", "ratio": 1.0, "layers": 8, "chunks": 4, "reused_chunks": 4,
+                     "reused_tokens": 0}, reuse
+    engine.flush_cache()
+    _same(got, _gen(engine, input_ids=d2 + d1 + d3 + q))
+
+
+def test_explicit_recompute_spans(chunk_engine, tokenizer):
+    """The ``explicit`` policy (the benchmark oracle's) recomputes exactly the given spans."""
+    from sglang_holes.chunks.hints import chunk_envelope
+
+    d1, d2 = _docs(tokenizer, 7, 2)
+    q = _question(tokenizer, "Which box?")
+    chunk_engine.generate(prompt_chunks=[d1, d2, q], sampling_params=SAMPLING)
+    ids, hints, chunks = chunk_engine.chunked_prompt([d2, d1, q])
+    (s, e) = chunks[1]
+    hints = chunk_envelope(chunks, "explicit", recompute=[(s, s + 3), (e - 2, e)])
+    meta = chunk_engine.generate(input_ids=ids, kv_hints=hints, sampling_params=SAMPLING)["meta_info"]
+    assert meta["chunk_reuse"]["reused_tokens"] == len(ids) - 5 - 1  # the spans and the last token
+    assert [s, s + 3] in meta["hole_spans"] and [e - 2, e] in meta["hole_spans"]
+
+
 @pytest.mark.parametrize("policy, params", [("none", {}), ("first_k", {"chunk_k": 8}),
-                                            ("deviation", {"chunk_ratio": 0.25})])
+                                            ("deviation", {"chunk_ratio": 0.25}),
+                                            ("query", {"chunk_ratio": 0.25, "chunk_layers": 3})])
 def test_moved_chunks_are_reused_under_each_policy(chunk_engine, tokenizer, policy, params):
     d1, d2, d3 = _docs(tokenizer, 4, 3)
     q = _question(tokenizer, "Which box is green?")
@@ -116,7 +146,8 @@ def test_moved_chunks_are_reused_under_each_policy(chunk_engine, tokenizer, poli
     take = round(0.25 * n)
     allowed = {"none": {n - 1},  # the last token is always recomputed (its logits start generation)
                "first_k": {n - 4 * 8 - 1},
-               "deviation": {n - take, n - take - 1}}[policy]  # -1 unless the top scores took the last token
+               "deviation": {n - take, n - take - 1},  # -1 unless the top scores took the last token
+               "query": {n - take, n - take - 1}}[policy]
     assert meta["chunk_reuse"]["reused_chunks"] == 4
     assert meta["chunk_reuse"]["reused_tokens"] in allowed, (meta["chunk_reuse"], allowed)
     assert meta["cached_tokens"] == meta["chunk_reuse"]["reused_tokens"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_holes.chunks.hints import ChunkHints, chunk_boundaries, parse_chunk_action, recompute_mask
+from sglang_holes.chunks.hints import ChunkHints, chunk_boundaries, parse_chunk_action, recompute_mask, reused_count
 
 
 def test_parse_valid_payload():
@@ -78,3 +78,37 @@ def test_chunk_envelope_and_chunked_prompt():
     for bad in ([], "text", ["ok", ""], ["ok", [1, -2]]):
         with pytest.raises(ValueError):
             build_chunked_prompt(bad, encode)
+
+
+def test_query_and_explicit_policies():
+    n = 30  # chunks [0,10) [10,22), question [22,30)
+    chunks = ((0, 10), (10, 22))
+    scores = torch.zeros(n)
+    scores[[4, 15, 16]] = torch.tensor([3.0, 2.0, 1.0])
+    query = recompute_mask(n, ChunkHints(chunks, "query", ratio=2 / 22), [True, True], scores)
+    assert query.nonzero().flatten().tolist() == [4, 15, *range(22, 30)]
+    # + each reused chunk's first k tokens; the ratio applies to the reused tokens left after them
+    sinks = recompute_mask(n, ChunkHints(chunks, "query", k=2, ratio=1 / 18), [True, True], scores)
+    assert sinks.nonzero().flatten().tolist() == [0, 1, 4, 10, 11, *range(22, 30)]
+    assert reused_count(n, ChunkHints(chunks, "query", k=2, ratio=1 / 18), [True, True]) == 17
+    full = recompute_mask(n, ChunkHints(chunks, "query", ratio=1.0), [True, True], scores)
+    assert full.all()  # ratio 1: every reused token recomputed
+    with pytest.raises(ValueError, match="query policy needs one score"):
+        recompute_mask(n, ChunkHints(chunks, "query"), [True, True])
+    explicit = parse_chunk_action("1", {"chunks": [[0, 10], [10, 22]], "policy": "explicit",
+                                        "recompute": [[3, 5], [12, 13]]})
+    assert recompute_mask(n, explicit, [True, True]).nonzero().flatten().tolist() == [3, 4, 12, *range(22, 30)]
+    assert ChunkHints(chunks, "first_k").k == 16 and ChunkHints(chunks, "query").k == 0
+
+
+@pytest.mark.parametrize("payload, msg", [
+    ({"chunks": [[0, 4]], "policy": "query", "layers": 0}, "layers must be"),
+    ({"chunks": [[0, 4]], "policy": "query", "layers": 2.5}, "layers must be"),
+    ({"chunks": [[0, 4]], "policy": "explicit"}, "goes with policy explicit"),
+    ({"chunks": [[0, 4]], "policy": "none", "recompute": [[0, 1]]}, "goes with policy explicit"),
+    ({"chunks": [[0, 4]], "policy": "explicit", "recompute": [[2, 1]]}, "empty or reversed"),
+    ({"chunks": [[0, 4]], "policy": "explicit", "recompute": [[0, "a"]]}, "non-negative integer"),
+])
+def test_malformed_query_and_explicit_payloads(payload, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_chunk_action("1", payload)

@@ -1,12 +1,14 @@
-"""The deviation probe (layer 0 in full + layer 1's K/V) against Hugging Face's Llama, and the copy path."""
+"""The deviation probe (layer 0 in full + layer 1's K/V, ``LlamaStack``) against Hugging Face's Llama,
+and the copy path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sglang_holes.chunks.deviation import DeviationUnsupportedError, ProbeWeights, deviation_scores
+from sglang_holes.chunks.deviation import deviation_scores
 from sglang_holes.chunks.kv_copy import copy_rerotated
+from sglang_holes.chunks.llama_stack import LlamaStack, ProbeUnsupportedError
 from sglang_holes.chunks.rope import RopeSpec, rerotate
 
 # Both sides run the same float32 operations in a different order (fused vs split
@@ -48,27 +50,29 @@ def _hf_layer1_kv(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def test_probe_matches_hf_layer1_kv(hf_llama):
-    probe = ProbeWeights.from_state(hf_llama.state_dict(), hf_llama.config.to_dict())
+    probe = LlamaStack.from_state(hf_llama.state_dict(), hf_llama.config.to_dict(), num_layers=2)
     ids = torch.randint(0, 300, (57,), generator=torch.Generator().manual_seed(1))
-    k, v = probe.layer1_kv(ids)
+    out = probe.run(ids)
+    k, v = out.k[1], out.v[1]
     k_ref, v_ref = _hf_layer1_kv(hf_llama, ids)
     assert k.shape == k_ref.shape == (57, 2, 16)
     assert (k - k_ref).abs().max().item() <= TOL
     assert (v - v_ref).abs().max().item() <= TOL
     assert deviation_scores(k, v, k_ref, v_ref).max().item() <= 57 * TOL ** 2 * 64
     # Context matters from layer 1 on: the same tokens after another prefix give other KV.
-    k2, v2 = probe.layer1_kv(torch.cat([torch.tensor([5, 6, 7]), ids]))
+    out2 = probe.run(torch.cat([torch.tensor([5, 6, 7]), ids]))
+    k2, v2 = out2.k[1], out2.v[1]
     dev = deviation_scores(k2[3:], v2[3:], k, v)
     assert dev.shape == (57,) and dev.min().item() > 0
 
 
 def test_probe_refuses_other_architectures(hf_llama):
     cfg = dict(hf_llama.config.to_dict(), architectures=["GPT2LMHeadModel"])
-    with pytest.raises(DeviationUnsupportedError, match="deviation policy supports"):
-        ProbeWeights.from_state(hf_llama.state_dict(), cfg)
+    with pytest.raises(ProbeUnsupportedError, match="chunk probe supports"):
+        LlamaStack.from_state(hf_llama.state_dict(), cfg, 2)
     state = {k: v for k, v in hf_llama.state_dict().items() if "layers.1.self_attn.k_proj.weight" not in k}
-    with pytest.raises(DeviationUnsupportedError, match="missing"):
-        ProbeWeights.from_state(state, hf_llama.config.to_dict())
+    with pytest.raises(ProbeUnsupportedError, match="missing"):
+        LlamaStack.from_state(state, hf_llama.config.to_dict(), 2)
 
 
 def test_copy_rerotated_moves_k_and_copies_v():
