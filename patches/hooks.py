@@ -80,6 +80,10 @@ HOOKS: tuple[HookSpec, ...] = (
              "tokenizer_manager:before_normalize_kv_hints", ("self", "num")),
     HookSpec("sglang.srt.entrypoints.http_server._setup_and_run_http_server", "before",
              "http_server:before_setup", ("server_args", "tokenizer_manager", "template_manager", "port_args")),
+    HookSpec("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._convert_to_internal_request", "after",
+             "openai_chat:after_convert_to_internal_request", ("self", "request", "raw_request")),
+    HookSpec("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._build_chat_response", "after",
+             "openai_chat:after_build_chat_response", ("self", "request", "ret")),
     HookSpec("sglang.srt.managers.scheduler_components.internal_state."
              "SchedulerInternalStateController.get_internal_state", "after",
              "internal_state:after_get_internal_state", ("self",)),

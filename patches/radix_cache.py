@@ -49,6 +49,7 @@ from sglang_holes.cache.namespaces import Namespaces
 from sglang_holes.cache.recompute_cost import RecomputeCost
 from sglang_holes.cache.tree import HoleTree, Node, TreeHandle
 from sglang_holes.config import HolesConfig
+from sglang_holes.patches.chunk_prefix import match_chunk_prefix, seed_chunk_prefix
 from sglang_holes.patches.hooks import BACKEND_NAME
 from sglang_holes.patches.metrics import COUNTERS, HoleMetrics
 from sglang_holes.patches.radix_cache_chunks import ChunkMatch, ChunkReuse
@@ -151,12 +152,12 @@ class HoleRadixCache(BasePrefixCache):
         return MatchResult(result.reused_tokens, node, node, node, cache_protected_len=result.cached_prefix_len)
 
     def _match_chunks(self, req: Any, max_prefix: int) -> MatchResult:
-        """Chunk mode never reads the exact tree (nor writes it: see checkpoint); its reuse comes from
-        the chunk store, shown to SGLang in virtual order like a hole fill (``radix_cache_chunks``)."""
+        """Chunk mode reads the exact tree only for its leading non-chunk prefix (``chunk_prefix``); its
+        other reuse comes from the chunk store, shown to SGLang in virtual order like a hole fill."""
         fill = None
         if self.hole_extend and stock_path_reason(req) in (None, "input logprobs"):
             room = self.token_to_kv_pool_allocator.available_size() + self.evictable_size()
-            fill = self.chunks.match(req, max_prefix, room)
+            fill = self.chunks.match(req, max_prefix, room, *match_chunk_prefix(self, req))
         if fill is None:
             return MatchResult(0, self.root_node, self.root_node, self.root_node)
         holes_of(req).fill = fill
@@ -197,7 +198,10 @@ class HoleRadixCache(BasePrefixCache):
         super().free_kv_row(kv, ranges)
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
-        holes_of(req).fill = None
+        rec = holes_of(req)
+        rec.fill = None
+        if rec.chunk is not None and rec.chunk.seeded is not None:
+            self.unlock(rec.chunk.seeded)
         if self.chunks is not None:
             self.chunks.release(req)
         if req.kv.req_pool_idx is not None:
@@ -232,7 +236,9 @@ class HoleRadixCache(BasePrefixCache):
             # yet computed is present; the rest waits for later chunks.
             up_to = fill.first_uncomputed()
         if self.chunks is not None and holes_of(req).chunk_hints is not None:
-            # Approximate KV stays out of the exact tree; computed chunks go to the store.
+            # Approximate KV stays out of the exact tree (the exact leading prefix goes in); computed
+            # chunks go to the store.
+            seed_chunk_prefix(self, req, row, up_to)
             stored = self.chunks.store_computed(req, row[:up_to].to(torch.int64), up_to)
             if stored:
                 self.borrowed.setdefault(kv.req_pool_idx, []).extend(stored)
@@ -294,51 +300,54 @@ class HoleRadixCache(BasePrefixCache):
                     self.count("chunk_evicted_tokens", slots.numel())
         return EvictResult(num_tokens_evicted=freed)
 
-    def lock(self, node: Any) -> TreeLock | None:
-        if isinstance(node, ChunkMatch):
-            self.chunks.lock(node)
-            return TreeLock(node, None)
+    def _lock_node(self, node: Node) -> TreeHandle:
         handle = TreeHandle(node)
         with self._tracked(node) as tree:
             if tree is not None:
                 tree.lock(handle)
-        return TreeLock(node, handle)  # the receipt is our handle
+        return handle
+
+    def _unlock_node(self, handle: TreeHandle) -> None:
+        with self._tracked(handle.node) as tree:
+            if tree is not None:
+                tree.unlock(handle)
+
+    def lock(self, node: Any) -> TreeLock | None:
+        if isinstance(node, ChunkMatch):  # the store entries, and the exact tree's shared prefix if read
+            self.chunks.lock(node)
+            return TreeLock(node, None if node.prefix_node is None else self._lock_node(node.prefix_node))
+        return TreeLock(node, self._lock_node(node))  # the receipt is our handle
 
     def unlock(self, lock: TreeLock | None) -> None:
         if lock is None:
             return
         if isinstance(lock.node, ChunkMatch):
             self.chunks.unlock(lock.node)
-            return
-        with self._tracked(lock.node) as tree:
-            if tree is not None:
-                tree.unlock(lock.receipt)
+        if lock.receipt is not None:
+            self._unlock_node(lock.receipt)
 
     def inc_lock_ref(self, node: Any) -> IncLockRefResult:
         if isinstance(node, ChunkMatch):
             self.chunks.lock(node)
-            return IncLockRefResult(delta=0)
-        handle = TreeHandle(node)
-        with self._tracked(node) as tree:
-            if tree is not None:
-                tree.lock(handle)
-        self._ref_locks.setdefault(id(node), []).append(handle)
+            node = node.prefix_node
+        if node is not None:
+            self._ref_locks.setdefault(id(node), []).append(self._lock_node(node))
         return IncLockRefResult(delta=0)
 
     def dec_lock_ref(self, node: Any, params: Any = None) -> DecLockRefResult:
         """Release one ``inc_lock_ref`` of ``node``; ``RuntimeError`` if it holds none (double unlock)."""
         if isinstance(node, ChunkMatch):
             self.chunks.unlock(node)
-            return DecLockRefResult(delta=0)
+            node = node.prefix_node
+            if node is None:
+                return DecLockRefResult(delta=0)
         handles = self._ref_locks.get(id(node))
         if not handles:
             raise RuntimeError("dec_lock_ref on a node without a matching inc_lock_ref")
         handle = handles.pop()
         if not handles:
             del self._ref_locks[id(node)]
-        with self._tracked(node) as tree:
-            if tree is not None:
-                tree.unlock(handle)
+        self._unlock_node(handle)
         return DecLockRefResult(delta=0)
 
     def evict_span(self, input_ids: list[int], start: int, end: int, extra_key: Any = None,

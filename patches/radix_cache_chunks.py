@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from sglang_holes.cache.node import Segment
 from sglang_holes.chunks.deviation import deviation_scores
 from sglang_holes.chunks.hints import SCORED, ChunkHints, recompute_mask, unscored_mask
 from sglang_holes.chunks.kv_copy import copy_rerotated
@@ -44,14 +45,16 @@ logger = logging.getLogger("sglang_holes")
 
 
 class ChunkMatch:
-    """``req.last_node`` of a chunk request that reuses stored chunks: SGLang's admission lock on
-    it (``HoleRadixCache.lock``) pins the store entries the request reads."""
+    """``req.last_node`` of a chunk request that reuses KV: SGLang's admission lock on it
+    (``HoleRadixCache.lock``) pins the store entries the request reads and, with a shared
+    leading prefix read from the exact tree, that tree's ``prefix_node``."""
 
-    __slots__ = ("entries", "lock_ref")
+    __slots__ = ("entries", "lock_ref", "prefix_node")
 
-    def __init__(self, entries: tuple[ChunkEntry, ...]) -> None:
+    def __init__(self, entries: tuple[ChunkEntry, ...], prefix_node: Any = None) -> None:
         self.entries = entries
         self.lock_ref = 0
+        self.prefix_node = prefix_node
 
 
 class ChunkReuse:
@@ -71,13 +74,16 @@ class ChunkReuse:
 
     # ----------------------------------------------------------------- matching
 
-    def match(self, req: Any, max_prefix: int, room: int) -> HoleFill | None:
+    def match(self, req: Any, max_prefix: int, room: int, prefix: Segment | None = None,
+              prefix_node: Any = None) -> HoleFill | None:
         """Plan a waiting chunk request's reuse; None: it reuses nothing (computes every position).
 
         ``max_prefix``: the most positions SGLang lets a match cover; ``room``: slots the pool
-        can still give (free + evictable). A plan whose extend plus the entries it would pin
-        exceeds ``room`` is not used this round (the request would otherwise wait for memory it
-        cannot get). The plan is kept while the request waits and the store returns the same entries.
+        can still give (free + evictable). A plan whose extend plus what it would pin exceeds
+        ``room`` is not used this round (the request would otherwise wait for memory it cannot
+        get). The chunk plan is kept while the request waits and the store returns the same
+        entries. ``prefix``: the exact tree's KV of the leading non-chunk positions ``[0, P)``
+        (a shared system prompt), pinned by ``prefix_node``; read in place (exact KV).
         """
         rec = holes_of(req)
         hints = rec.chunk_hints
@@ -87,18 +93,23 @@ class ChunkReuse:
         usable = hasattr(self.allocator.get_kvcache(), "k_buffer") and n == len(ids)  # retracted: prompt only
         hits = [self.store.get(ids[s:e], ns) if usable else None for s, e in hints.chunks]
         st = rec.chunk
-        if st is None or st.locked or any(a is not b for a, b in zip(st.hits, hits, strict=True)):
+        if st is None or st.locked or st.seeded or any(a is not b for a, b in zip(st.hits, hits, strict=True)):
             st = ChunkState(hints, ns, hits, self._plan(req, hints, hits, n))
             rec.chunk = st
-        plan = st.plan
+        plan = st.base
+        if prefix is not None and usable and prefix.end < n:
+            plan = (plan or ChunkFill.computing_all(n, prefix.slots.device)).with_prefix(prefix)
+        else:
+            prefix = prefix_node = None
+        st.plan, st.prefix_len, st.prefix_node = plan, prefix.end if prefix else 0, prefix_node
         if plan is None:
             return None
         entries = _distinct(hits)
         borrowed = int(plan.borrowed.sum())
-        pin = sum(len(e) for e in entries if not e.lock_ref)
+        pin = sum(len(e) for e in entries if not e.lock_ref) + st.prefix_len
         if borrowed > max_prefix or plan.order.numel() + pin > room:
             return None
-        return HoleFill(0, borrowed, plan.segments(), ChunkMatch(entries), chunk=plan)
+        return HoleFill(0, borrowed, plan.segments(), ChunkMatch(entries, prefix_node), chunk=plan)
 
     def _plan(self, req: Any, hints: ChunkHints, hits: list[ChunkEntry | None], n: int) -> ChunkFill | None:
         reused = [e is not None for e in hits]
@@ -180,11 +191,12 @@ class ChunkReuse:
             self.store.unlock(entry)
 
     def borrowed_entries(self, req: Any) -> ChunkMatch:
-        """The entries a request whose prefill is complete still reads (in place, until release)."""
+        """The entries (and exact-tree prefix) a request whose prefill is complete still reads in
+        place, until release."""
         st = holes_of(req).chunk
         plan = st.plan
         return ChunkMatch(_distinct([e for (s, end), e in zip(st.hints.chunks, st.hits, strict=True)
-                                     if e is not None and bool(plan.borrowed[s:end].any())]))
+                                     if e is not None and bool(plan.borrowed[s:end].any())]), st.prefix_node)
 
     def copy_in(self, plan: ChunkFill, positions: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the stored KV of copied ``positions`` (int64) into slots ``dst``, K re-rotated."""

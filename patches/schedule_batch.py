@@ -31,6 +31,7 @@ import torch
 
 from sglang_holes.attention.plan import spans_from_positions
 from sglang_holes.cache.extend_plan import HoleChunk, missing_positions, plan_hole_chunk
+from sglang_holes.patches.chunk_prefix import seeded_span
 from sglang_holes.patches.forward_batch import BATCH_ATTR
 from sglang_holes.patches.meta_info import record_chunk_reuse, record_recomputed
 from sglang_holes.patches.radix_cache import HoleRadixCache
@@ -145,7 +146,7 @@ def _commit_fill_extend(tree: HoleRadixCache, batch: Any, req: Any, chunk: HoleC
     fill.computed += int(chunk.positions.numel())
     reused_beyond = [(g.start, g.end) for g in fill.segments if g.slots is not None and g.end > fill.prefix_len]
     # Never freed with the request's row: the reused spans, and positions not computed yet.
-    tree.borrowed[req.kv.req_pool_idx] = sorted(reused_beyond + list(chunk.uncomputed))
+    tree.borrowed[req.kv.req_pool_idx] = sorted(reused_beyond + list(chunk.uncomputed) + seeded_span(req))
     record_recomputed(req, list(chunk.spans), continued=not chunk.first)
     stained = getattr(req, "retracted_stain", False)  # a re-prefill after a retraction is not a new request
     if fill.chunk is not None:
@@ -167,15 +168,17 @@ def _count_hole_extend(tree: HoleRadixCache, fill: HoleFill, chunk: HoleChunk, n
 def _count_chunk_extend(tree: HoleRadixCache, req: Any, fill: HoleFill, chunk: HoleChunk, stained: bool) -> None:
     """SGLang counted the in-place prefix as cached; the copies count too (cached + recomputed = prompt)."""
     st = holes_of(req).chunk
+    from_store = fill.chunk.reused - st.prefix_len  # the exact tree's prefix is not chunk reuse
     if chunk.first:
-        tree.chunks.committed(req, fill.chunk.reused)
+        tree.chunks.committed(req, from_store)
     forced = int((fill.chunk.copied[chunk.positions] & chunk.query).sum())  # a copy computed instead
     st.reused_tokens -= forced
     if not stained:
         req.cached_tokens += chunk.copies
         if chunk.first:
             tree.count("chunk_requests")
-        tree.count("chunk_reused_tokens", (fill.reused if chunk.first else 0) + chunk.copies)
+        tree.count("chunk_reused_tokens", (from_store - int(fill.chunk.copied.sum()) if chunk.first else 0)
+                   + chunk.copies)
     record_chunk_reuse(req, st)
 
 

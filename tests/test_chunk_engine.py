@@ -117,6 +117,43 @@ def test_query_with_ratio_one_equals_full_recompute(chunk_engine, engine, tokeni
     _same(got, _gen(engine, input_ids=d2 + d1 + d3 + q))
 
 
+def test_chunk_requests_share_an_exact_system_prompt(chunk_engine, engine, tokenizer):
+    """The positions before the first chunk are exact KV: chunk requests read them from the exact tree
+    and insert them there; the chunks themselves never enter it."""
+    from sglang_holes.chunks.hints import chunk_envelope
+
+    head = tokenizer("System: answer from the passages only, in one word.\n", add_special_tokens=False)["input_ids"]
+    d1, d2 = _docs(tokenizer, 8, 2)
+    q = _question(tokenizer, "Which box is red?")
+
+    def prompt(docs: list[list[int]], policy: str, **params) -> dict:
+        ids, chunks = list(head), []
+        for d in [*docs, q]:
+            chunks.append((len(ids), len(ids) + len(d)))
+            ids += d
+        return {"input_ids": ids, "kv_hints": chunk_envelope(chunks, policy, **params)}
+
+    first = chunk_engine.generate(**prompt([d1, d2], "none"), sampling_params=SAMPLING)["meta_info"]
+    assert first["cached_tokens"] == 0 and "prefix_tokens" not in first["chunk_reuse"]
+    other = chunk_engine.generate(input_ids=head + _question(tokenizer, "Anything else?"),
+                                  sampling_params=SAMPLING)["meta_info"]
+    assert other["cached_tokens"] == len(head)  # an exact request reuses the prefix a chunk request computed
+    # every chunk token recomputed: with the prefix read from the tree, the output is the cold run's
+    moved = prompt([d2, d1], "first_k", k=10_000)
+    got = _gen(chunk_engine, **moved)
+    reuse = got["meta_info"]["chunk_reuse"]
+    assert reuse["prefix_tokens"] == len(head) and reuse["reused_chunks"] == 3 and reuse["reused_tokens"] == 0
+    assert got["meta_info"]["cached_tokens"] == len(head)
+    engine.flush_cache()
+    _same(got, _gen(engine, input_ids=moved["input_ids"]))
+    # reused in place with chunk reuse too; and no chunk KV reached the exact tree
+    again = chunk_engine.generate(**prompt([d1, d2], "none"), sampling_params=SAMPLING)["meta_info"]
+    assert again["chunk_reuse"]["prefix_tokens"] == len(head)
+    assert again["cached_tokens"] == len(head) + again["chunk_reuse"]["reused_tokens"]
+    exact = chunk_engine.generate(input_ids=moved["input_ids"], sampling_params=SAMPLING)["meta_info"]
+    assert exact["cached_tokens"] == len(head)
+
+
 def test_explicit_recompute_spans(chunk_engine, tokenizer):
     """The ``explicit`` policy (the benchmark oracle's) recomputes exactly the given spans."""
     from sglang_holes.chunks.hints import chunk_envelope

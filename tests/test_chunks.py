@@ -112,3 +112,21 @@ def test_query_and_explicit_policies():
 def test_malformed_query_and_explicit_payloads(payload, msg):
     with pytest.raises(ValueError, match=msg):
         parse_chunk_action("1", payload)
+
+
+def test_chunk_fill_with_an_exact_prefix():
+    """A shared leading prefix read in place from the exact tree: borrowed, first in the virtual order's prefix."""
+    from sglang_holes.cache.node import Segment
+    from sglang_holes.chunks.placement import ChunkFill
+
+    base = ChunkFill.computing_all(8)
+    assert base.order.tolist() == list(range(8)) and base.reused == 0
+    fill = base.with_prefix(Segment(0, 3, torch.tensor([40, 41, 42])))
+    assert fill.borrowed.nonzero().flatten().tolist() == [0, 1, 2]
+    assert fill.order.tolist() == [3, 4, 5, 6, 7]
+    assert [(g.start, g.end, g.slots.tolist()) for g in fill.segments()] == [(0, 3, [40, 41, 42])]
+    assert base.recompute.all()  # the base is unchanged
+    with pytest.raises(ValueError, match="computed positions"):
+        fill.with_prefix(Segment(0, 2, torch.tensor([1, 2])))  # [0, 2) is no longer computed
+    with pytest.raises(ValueError, match="slots"):
+        base.with_prefix(Segment(0, 3, torch.tensor([1, 2])))

@@ -80,6 +80,7 @@ def test_make_serve_answers_and_shuts_down_cleanly(embedded_model: Path, tokeniz
         assert info["internal_states"][0]["sglang_holes"]["pid"] != proc.pid
         _check_holes_over_http(base, tokenizer)
         _check_chunks_over_http(base, tokenizer)
+        _check_chunks_over_openai_chat(base, tokenizer)
     finally:
         sid = proc.pid
         os.killpg(sid, signal.SIGINT)  # what Ctrl-C in the terminal of `make serve` sends
@@ -221,3 +222,68 @@ def _check_chunks_over_http(base: str, tokenizer) -> None:
     metrics = requests.get(f"{base}/metrics", timeout=10).text
     assert any(line.startswith("sglang_holes:chunk_requests_total") and float(line.rsplit(" ", 1)[1]) >= 2
                for line in metrics.splitlines()), metrics
+
+
+def _check_chunks_over_openai_chat(base: str, tokenizer) -> None:
+    """A RAG flow through the real ``openai`` client: documents as content parts, ``chunk_reuse`` in the
+    body; the second question (documents in another order) reuses them, reported in OpenAI's usage
+    field, and equals the kv_hints path on the same tokens; malformed settings get 400."""
+    import openai
+
+    from sglang_holes.chunks.chat import chat_chunked_prompt
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    docs = [f"Ledger {i}: " + " ".join(f"crate {i}-{j} holds {(i * 13 + j * 5) % 50} apples." for j in range(8))
+            for i in range(3)]
+    questions = ["Question: which crate holds the most apples?", "Question: which crate is empty?"]
+
+    def messages(order: list[int], question: str) -> list[dict]:
+        parts = [{"type": "text", "text": docs[i]} for i in order] + [{"type": "text", "text": question}]
+        return [{"role": "system", "content": "Answer from the ledgers."}, {"role": "user", "content": parts}]
+
+    reuse = {"policy": "first_k", "k": 4}
+    flow = [([0, 1, 2], questions[0]), ([2, 0, 1], questions[1])]
+    chat = [client.chat.completions.create(model="default", messages=messages(o, q), temperature=0, max_tokens=8,
+                                           extra_body={"chunk_reuse": reuse}).model_dump() for o, q in flow]
+    first = chat[0]["metadata"]["chunk_reuse"]
+    assert first["reused_chunks"] == 0 and first["reused_tokens"] == 0, first
+    # only the chat head an earlier exact request left in the exact tree (e.g. "<|im_start|>system\n")
+    assert chat[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == first.get("prefix_tokens", 0)
+    second = chat[1]["metadata"]["chunk_reuse"]
+    assert second["policy"] == "first_k" and second["chunks"] == 4 and second["reused_chunks"] == 3, second
+    # the chat template's head (system prompt, user turn start) is exact KV, shared through the exact tree
+    assert second["prefix_tokens"] > 0 and second["reused_tokens"] > 0, second
+    cached = chat[1]["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == second["prefix_tokens"] + second["reused_tokens"]
+    assert cached + second["recomputed_tokens"] == chat[1]["usage"]["prompt_tokens"]
+
+    # The same two requests through /generate's kv_hints, on the same tokens, from an empty cache.
+    def render(msgs: list[dict]) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert requests.post(f"{base}/flush_cache", timeout=30).status_code == 200
+    for (order, q), got in zip(flow, chat, strict=True):
+        p = chat_chunked_prompt(messages(order, q), render, encode, reuse)
+        ref = requests.post(f"{base}/generate", json={"input_ids": p.input_ids, "kv_hints": p.kv_hints,
+                                                      "sampling_params": {"max_new_tokens": 8, "temperature": 0}})
+        assert ref.status_code == 200, ref.text
+        meta = ref.json()["meta_info"]
+        assert meta["prompt_tokens"] == got["usage"]["prompt_tokens"]
+        # the same chunk reuse (the exact-tree prefix may differ: the cache was flushed in between)
+        mine, theirs = meta["chunk_reuse"], got["metadata"]["chunk_reuse"]
+        assert (mine["reused_chunks"], mine["reused_tokens"]) == (theirs["reused_chunks"], theirs["reused_tokens"])
+        assert meta["cached_tokens"] - mine.get("prefix_tokens", 0) == \
+            got["usage"]["prompt_tokens_details"]["cached_tokens"] - theirs.get("prefix_tokens", 0)
+        assert ref.json()["text"] == got["choices"][0]["message"]["content"]
+
+    for bad, msg in [({"policy": "query", "ratio": 3}, "ratio must be"), ({"polcy": "none"}, "unknown fields"),
+                     ("none", "must be an object")]:
+        with pytest.raises(openai.BadRequestError, match=msg):
+            client.chat.completions.create(model="default", messages=messages([0], questions[0]), max_tokens=2,
+                                           extra_body={"chunk_reuse": bad})
+    with pytest.raises(openai.BadRequestError, match="content as a list"):
+        client.chat.completions.create(model="default", max_tokens=2, extra_body={"chunk_reuse": reuse},
+                                       messages=[{"role": "user", "content": "no parts"}])

@@ -61,6 +61,25 @@ class ChunkFill:
     def reused(self) -> int:
         return int((~self.recompute).sum())
 
+    @classmethod
+    def computing_all(cls, n: int, device: torch.device | str = "cpu") -> ChunkFill:
+        """A fill that reuses nothing (every position computed), e.g. before ``with_prefix``."""
+        return cls(torch.ones(n, dtype=torch.bool), torch.full((n,), -1, dtype=torch.int64, device=device),
+                   torch.zeros(n, dtype=torch.int64))
+
+    def with_prefix(self, prefix: Segment) -> ChunkFill:
+        """This fill with ``[0, prefix.end)`` read in place from ``prefix.slots`` (the exact tree's KV
+        of a shared leading non-chunk prefix, e.g. a system prompt). The positions must be ones this
+        fill computes (no chunk covers them)."""
+        p = prefix.end
+        if prefix.start != 0 or prefix.slots is None or prefix.slots.numel() != p or not bool(self.recompute[:p].all()):
+            raise ValueError(f"a prefix [0, {p}) must be computed positions with {p} slots")
+        recompute, src, delta = self.recompute.clone(), self.src.clone(), self.delta.clone()
+        recompute[:p] = False
+        src[:p] = prefix.slots.to(src.device, torch.int64)
+        delta[:p] = 0
+        return ChunkFill(recompute, src, delta)
+
     def segments(self) -> tuple[Segment, ...]:
         """The borrowed spans with their store slots (the prefix SGLang admits, in position order)."""
         pos = self.borrowed.nonzero().flatten().tolist()
