@@ -142,30 +142,26 @@ class ChunkReuse:
         ids = torch.tensor(req.origin_input_ids, dtype=torch.int64)
         if hints.policy == "deviation":
             full = self._probe.run(ids, layers=2)
-            placed_k, placed_v = self._placed(hints, hits, 1, full.k[1], full.v[1])
-            return deviation_scores(full.k[1], full.v[1], placed_k, placed_v)
+            return deviation_scores(full.k[1], full.v[1], *self._placed(hints, hits, 1, ids.numel()))
         last_end = max(e for (_, e), entry in zip(hints.chunks, hits, strict=True) if entry is not None)
         scored = computed.clone()
         scored[:last_end] = False
         if not bool(scored.any()):
             scored = computed
-        pool = self.allocator.get_kvcache()
-        shape = (ids.numel(), *pool.k_buffer[0].shape[1:])
 
         def placed(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-            zeros = pool.k_buffer[layer].new_zeros(shape)
-            return self._placed(hints, hits, layer, zeros, zeros.clone())
+            return self._placed(hints, hits, layer, ids.numel())
 
         out = self._probe.run(ids, computed, placed, min(hints.layers, self._probe.num_layers), scored)
         return out.mass
 
-    def _placed(self, hints: ChunkHints, hits: list[ChunkEntry | None], layer: int, k_like: torch.Tensor,
-                v_like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _placed(self, hints: ChunkHints, hits: list[ChunkEntry | None], layer: int, n: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """K (re-rotated) and V ``[n, kv_heads, head_dim]`` of the stored chunks as the request would
-        place them at ``layer``; rows outside reused chunks are zeros."""
+        place them at ``layer``, in the pool's dtype and device; rows outside reused chunks are zeros."""
         pool = self.allocator.get_kvcache()
         kb, vb = pool.k_buffer[layer], pool.v_buffer[layer]
-        placed_k, placed_v = torch.zeros_like(k_like), torch.zeros_like(v_like)
+        placed_k, placed_v = kb.new_zeros((n, *kb.shape[1:])), vb.new_zeros((n, *vb.shape[1:]))
         for (s, e), entry in zip(hints.chunks, hits, strict=True):
             if entry is None:
                 continue

@@ -25,6 +25,7 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sglang_holes.attention.flash_attn_interpreter import flash_attn_with_kvcache
+from sglang_holes.attention.plan import HolePlan
 from tests.backend_batches import CASES, HKV, HQ, LAYERS, TOL, D, HoleBatch, hole_batch, oracle
 from tests.sgl_kernel_standin import fa3_backend_module
 
@@ -71,7 +72,7 @@ def test_sglang_fa3_forward_extend_on_hole_batches_matches_oracle(fa3, case, pag
     hb = hole_batch(seq_lens, missing, seed=len(case), page_size=page_size)
     backend = _backend(fa3, hb, page_size)
     backend.init_forward_metadata(hb.fb)  # SGLang's metadata, then ours for the runs
-    runs = sum(len(_merged(spans)) for spans in missing)
+    runs = len(HolePlan.from_holes(seq_lens, missing).runs)  # adjacent spans merged
     assert backend.forward_metadata.cu_seqlens_q.numel() == runs + 1
     scale = D**-0.5
     extra = LAYER_KINDS[kind]
@@ -84,16 +85,6 @@ def test_sglang_fa3_forward_extend_on_hole_batches_matches_oracle(fa3, case, pag
                       soft_cap=extra.get("logit_cap", 0.0))
         assert (o.view(-1, HQ, D).double() - want).abs().max().item() <= TOL
         assert torch.equal(hb.pool.k_buffer[layer_id][hb.fb.out_cache_loc], k)  # every hole's KV is saved
-
-
-def _merged(spans):
-    out = []
-    for s, e in spans:
-        if out and out[-1][1] == s:
-            out[-1] = (out[-1][0], e)
-        else:
-            out.append((s, e))
-    return out
 
 
 def test_stock_metadata_on_a_hole_batch_is_wrong(fa3):
