@@ -63,12 +63,4 @@ def seed_chunk_prefix(cache: Any, req: Any, row: torch.Tensor, up_to: int) -> No
     if rec.fill is not None and rec.fill.row is not None:
         rec.fill.row[:lead] = path.to(rec.fill.row.device, rec.fill.row.dtype)
     st.seeded = cache.lock(result.handle.node)
-    cache.borrowed[kv.req_pool_idx] = sorted({*cache.borrowed.get(kv.req_pool_idx, ()), (0, lead)})
-
-
-def seeded_span(req: Any) -> list[tuple[int, int]]:
-    """``[(0, P)]`` when the request's prefix is the exact tree's (never freed with its row), else ``[]``."""
-    st = holes_of(req).chunk
-    if st is None or st.seeded is None:
-        return []
-    return [(0, st.seeded.node.end)]
+    cache.ledger.hand_over(kv.req_pool_idx, [(0, lead)])

@@ -64,6 +64,8 @@ HOOKS: tuple[HookSpec, ...] = (
              "schedule_batch:after_prepare_for_extend", ("self",)),
     HookSpec("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "after",
              "forward_batch:after_init_new", ("cls", "batch")),
+    HookSpec("sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run", "before",
+             "pool_audit:before_get_next_batch_to_run", ("self", "running_batch", "last_batch")),
     HookSpec("sglang.srt.managers.scheduler.Scheduler.handle_rpc_request", "around",
              "scheduler_rpc:around_rpc", ("self", "recv_req")),
     HookSpec("sglang.srt.managers.scheduler.Scheduler.init_ipc_channels", "after",
@@ -107,6 +109,9 @@ SUBCLASSED: tuple[Subclassed, ...] = (
                ("reset", "match_prefix", "checkpoint", "evict", "inc_lock_ref", "dec_lock_ref", "lock",
                 "unlock", "path_device_indices", "prefix_device_indices", "free_kv_row", "on_release",
                 "evictable_size", "protected_size", "total_size")),
+    # Called, not subclassed: the live pool audit lists the requests holding a row as SGLang does.
+    Subclassed("sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker",
+               ("_requests_owning_rows",)),
     Subclassed(f"{_ATTN}.torch_native_backend.TorchNativeAttnBackend",
                ("init_forward_metadata", "forward_extend")),
     Subclassed(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend",
@@ -124,6 +129,9 @@ ATTRIBUTES: tuple[Attributes, ...] = (
         "extend_end", "full_untruncated_fill_ids", "multimodal_inputs", "input_embeds", "return_logprob",
         "logprob_start_len", "origin_input_ids", "prefix_len", "cached_tokens", "kv", "customized_info",
         "kv_hints", "extra_key", "cache_salt", "rid", "last_node", "lock", "return_hidden_states")),
+    Attributes(f"{_SB}.ReqKvInfo", ("req_pool_idx", "cache_protected_len", "kv_allocated_len", "kv_committed_len")),
+    Attributes("sglang.srt.managers.scheduler.Scheduler", ("tree_cache", "token_to_kv_pool_allocator",
+                                                           "invariant_checker")),
     Attributes(f"{_SB}.ScheduleBatch", (
         "reqs", "tree_cache", "prefix_lens", "extend_lens", "extend_logprob_start_lens", "extend_num_tokens",
         "prefill_input_ids_cpu", "out_cache_loc", "req_to_token_pool", "return_logprob",
@@ -177,6 +185,20 @@ INVARIANTS: tuple[Invariant, ...] = (
     Invariant("sglang.srt.managers.scheduler.Scheduler.run_batch",
               "self.forward_stream.wait_stream(self.schedule_stream)",
               "the forward runs after the schedule stream's work: chunk KV copies land before attention reads them"),
+    # Overlap scheduler: chunk KV copies and probes read store KV on the schedule stream while the
+    # previous forward may still run. Safe only behind SGLang's coarse WAR barrier, which it applies
+    # when a backend's extend publishes no earlier read-done event (shared_read_ends UNKNOWN:
+    # torch_native, FlashInfer and FA3 do not override it; tests/test_hook_contract.py checks that).
+    Invariant("sglang.srt.managers.scheduler.Scheduler.event_loop_overlap", "self._apply_war_barrier()",
+              "every launched batch fences the schedule stream behind its forward"),
+    Invariant("sglang.srt.managers.scheduler.Scheduler._apply_war_barrier",
+              "self.schedule_stream.wait_stream(self.forward_stream)",
+              "without a read-done event the schedule stream waits for the whole forward"),
+    Invariant(f"{_ATTN}.base_attn_backend.AttentionBackend.shared_read_ends", "return SharedReadEnds.UNKNOWN",
+              "an extend's shared reads end at UNKNOWN unless a backend declares otherwise"),
+    Invariant("sglang.srt.model_executor.runner_utils.shared_read_event.maybe_publish_prefill_shared_read_done",
+              "if shared_read_ends is not SharedReadEnds.PRE_REPLAY:",
+              "an UNKNOWN read end publishes no read-done event, so the coarse barrier applies"),
     # The FA3 hole path rewrites the extend metadata; SGLang's forward_extend must hand it to the kernel as is.
     Invariant(f"{_ATTN}.flashattention_backend.FlashAttentionBackend.forward_extend",
               "cache_seqlens = metadata.cache_seqlens_int32",

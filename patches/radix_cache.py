@@ -44,9 +44,9 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
 from sglang_holes.cache.eviction import make_policy
-from sglang_holes.cache.extend_plan import subtract_spans
 from sglang_holes.cache.namespaces import Namespaces
 from sglang_holes.cache.recompute_cost import RecomputeCost
+from sglang_holes.cache.slot_ledger import SlotLedger
 from sglang_holes.cache.tree import HoleTree, Node, TreeHandle
 from sglang_holes.config import HolesConfig
 from sglang_holes.patches.chunk_prefix import match_chunk_prefix, seed_chunk_prefix
@@ -80,8 +80,9 @@ class HoleRadixCache(BasePrefixCache):
         # Benchmark baseline (mode prefix-only): reuse the leading cached run only.
         self.prefix_only = self.config.prefix_only
         self.device = torch.device(getattr(self.token_to_kv_pool_allocator, "device", "cpu") or "cpu")
-        # req_pool_idx -> row spans holding slots borrowed from the tree (hole requests)
-        self.borrowed: dict[int, list[tuple[int, int]]] = {}
+        # The one record of which row spans of live requests are not their own (reused, pending,
+        # handed to a holder): free_kv_row and checkpoint ask it; only its typed operations change it.
+        self.ledger = SlotLedger()
         self.stats = dict.fromkeys(COUNTERS, 0)
         self.metrics = metrics
         # RAG chunk mode (patches/radix_cache_chunks.py); None: chunk hints are served as plain requests.
@@ -116,6 +117,7 @@ class HoleRadixCache(BasePrefixCache):
         # inc_lock_ref's handles per node: dec_lock_ref releases one of these, never a forged one.
         self._ref_locks: dict[int, list[TreeHandle]] = {}
         self.root_node = self._tree().root
+        self.ledger.reset()
         if self.chunks is not None:
             self.chunks.reset()
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
@@ -191,11 +193,8 @@ class HoleRadixCache(BasePrefixCache):
         return out[: req.prefix_len]
 
     def free_kv_row(self, kv: Any, ranges: list[tuple[int, int]]) -> None:
-        """Free row ranges, never a borrowed span (the tree's slots a hole request reused)."""
-        borrowed = self.borrowed.get(kv.req_pool_idx)
-        if borrowed:
-            ranges = subtract_spans(ranges, borrowed)
-        super().free_kv_row(kv, ranges)
+        """Free row ranges, never a span the request does not own (``ledger``: reused, pending, handed)."""
+        super().free_kv_row(kv, self.ledger.owned(kv.req_pool_idx, ranges))
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         rec = holes_of(req)
@@ -205,7 +204,7 @@ class HoleRadixCache(BasePrefixCache):
         if self.chunks is not None:
             self.chunks.release(req)
         if req.kv.req_pool_idx is not None:
-            self.borrowed.pop(req.kv.req_pool_idx, None)
+            self.ledger.release(req.kv.req_pool_idx)
 
     @staticmethod
     def _path(node: Node) -> list[Node]:
@@ -239,19 +238,16 @@ class HoleRadixCache(BasePrefixCache):
             # Approximate KV stays out of the exact tree (the exact leading prefix goes in); computed
             # chunks go to the store.
             seed_chunk_prefix(self, req, row, up_to)
-            stored = self.chunks.store_computed(req, row[:up_to].to(torch.int64), up_to)
-            if stored:
-                self.borrowed.setdefault(kv.req_pool_idx, []).extend(stored)
-                self.borrowed[kv.req_pool_idx].sort()
+            self.ledger.hand_over(kv.req_pool_idx, self.chunks.store_computed(req, row[:up_to].to(torch.int64), up_to))
             return
         tokens = list(req.full_untruncated_fill_ids[:up_to])
         key_len = len(tokens) - len(tokens) % self.page_size
         tree = self._tree(req.extra_key, req.cache_salt)
         # Slot ids stay on the row's device (no device->host sync on the scheduler thread); which of
-        # them are the tree's is known here: the protected prefix and the borrowed spans.
+        # them are the tree's is known here: the protected prefix and the ledger's spans.
         owned = torch.zeros(key_len, dtype=torch.bool)
         owned[min(kv.cache_protected_len, key_len) :] = True
-        for s, e in self.borrowed.get(kv.req_pool_idx, ()):
+        for s, e in self.ledger.not_owned(kv.req_pool_idx):
             owned[s:e] = False
         with self.namespaces.tracked(tree):
             result = tree.insert(tokens[:key_len], row[:key_len].to(torch.int64), owned)
@@ -364,8 +360,10 @@ class HoleRadixCache(BasePrefixCache):
         tree = self.namespaces.find((extra_key, cache_salt))
         if tree is None:
             raise ValueError("this prompt is not in the cache")
+        if not 0 <= start < end <= len(input_ids):  # before page rounding: never clamp a bad span silently
+            raise ValueError(f"span [{start}, {end}) is empty, reversed or outside [0, {len(input_ids)})")
         P = self.page_size
-        if P > 1 and start < end:  # KV lives in whole pages: a partly evicted page is a hole of the whole page
+        if P > 1:  # KV lives in whole pages: a partly evicted page is a hole of the whole page
             start, end = start // P * P, min(-(-end // P) * P, len(input_ids) // P * P)
         with self.namespaces.tracked(tree):
             freed = tree.evict_span(list(input_ids), start, end)

@@ -31,7 +31,6 @@ import torch
 
 from sglang_holes.attention.plan import spans_from_positions
 from sglang_holes.cache.extend_plan import HoleChunk, missing_positions, plan_hole_chunk
-from sglang_holes.patches.chunk_prefix import seeded_span
 from sglang_holes.patches.forward_batch import BATCH_ATTR
 from sglang_holes.patches.meta_info import record_chunk_reuse, record_recomputed
 from sglang_holes.patches.radix_cache import HoleRadixCache
@@ -145,8 +144,9 @@ def _commit_fill_extend(tree: HoleRadixCache, batch: Any, req: Any, chunk: HoleC
     row[:n] = fill.row
     fill.computed += int(chunk.positions.numel())
     reused_beyond = [(g.start, g.end) for g in fill.segments if g.slots is not None and g.end > fill.prefix_len]
-    # Never freed with the request's row: the reused spans, and positions not computed yet.
-    tree.borrowed[req.kv.req_pool_idx] = sorted(reused_beyond + list(chunk.uncomputed) + seeded_span(req))
+    # Never freed with the request's row: the reused spans, and positions not computed yet (what it
+    # handed to a holder after earlier pieces stays the holder's: the ledger keeps those).
+    tree.ledger.fill(req.kv.req_pool_idx, reused_beyond, chunk.uncomputed)
     record_recomputed(req, list(chunk.spans), continued=not chunk.first)
     stained = getattr(req, "retracted_stain", False)  # a re-prefill after a retraction is not a new request
     if fill.chunk is not None:

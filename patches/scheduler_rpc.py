@@ -36,6 +36,8 @@ def around_rpc(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwarg
     tree = scheduler.tree_cache
     p = recv_req.parameters or {}
     try:
+        check_token_ids(p.get("tokens" if method == CHUNK_KV else "input_ids") or [],
+                        scheduler.model_config.vocab_size)
         if not isinstance(tree, HoleRadixCache):
             raise ValueError(f"{method} needs the holes radix cache (--radix-cache-backend holes)")
         if method == CHUNK_KV:
@@ -50,6 +52,15 @@ def around_rpc(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwarg
         return RpcReqOutput(success=True, message=json.dumps({"freed_tokens": freed}))
     except (ValueError, TypeError) as e:
         return RpcReqOutput(success=False, message=str(e))
+
+
+def check_token_ids(ids: Any, vocab_size: int, what: str = "input_ids") -> None:
+    """``ValueError`` unless every id is an integer in ``[0, vocab_size)`` (one id out of it would index
+    past the embedding table inside the scheduler)."""
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{what} holds {len(bad)} token ids outside the vocabulary [0, {vocab_size}) "
+                         f"(e.g. {bad[:3]})")
 
 
 def evict_span_params(input_ids: Any, start: Any, end: Any, extra_key: Any = None,

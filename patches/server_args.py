@@ -101,6 +101,16 @@ REFUSED: tuple[Refused, ...] = (
     Refused("cuda_graph_backend_prefill", _is_set, "hole batches are planned per batch and must never replay a "
             "captured prefill plan (the default with holes is --disable-prefill-cuda-graph)"),
     Refused("enable_mis", _is_set, "multi-item scoring runs FlashInfer wrappers a hole batch does not plan"),
+    Refused("disaggregation_mode", lambda v: _is_set(v) and v != "null", "PD disaggregation sends a prefill's row "
+            "by virtual range after each piece, and with holes those slices can hold padding slots"),
+    Refused("pp_size", lambda v: _is_set(v) and int(v) > 1, "pipeline parallelism splits a batch's layers across "
+            "ranks that do not receive the hole positions; serve with --pp-size 1"),
+    Refused("enable_dp_attention", _is_set, "DP attention re-batches extends across ranks without the hole "
+            "positions; use --dp-size without --enable-dp-attention"),
+    Refused("enable_two_batch_overlap", _is_set, "two-batch overlap splits an extend batch in two by token count, "
+            "which cuts hole requests' positions and plans"),
+    Refused("enable_single_batch_overlap", _is_set, "single-batch overlap reschedules an extend's layers without "
+            "the hole positions"),
 )
 
 

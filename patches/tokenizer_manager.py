@@ -18,6 +18,7 @@ from sglang_holes.chunks.llama_stack import check_supported
 from sglang_holes.chunks.rope import RopeSpec
 from sglang_holes.patches.hooks import BACKEND_NAME
 from sglang_holes.patches.kv_hints import find_chunk_hints
+from sglang_holes.patches.scheduler_rpc import check_token_ids
 
 
 def before_normalize_kv_hints(obj: Any, num: Any, *args: Any, **kwargs: Any) -> None:
@@ -33,6 +34,10 @@ def before_normalize_kv_hints(obj: Any, num: Any, *args: Any, **kwargs: Any) -> 
 
 
 def after_validate(result: Any, manager: Any, obj: Any, input_ids: Any, *_: Any, **__: Any) -> Any:
+    multimodal = any(getattr(obj, f, None) is not None for f in ("image_data", "video_data", "audio_data"))
+    if input_ids is not None and getattr(obj, "input_embeds", None) is None and not multimodal:
+        # SGLang does not check this; one id past the vocabulary would take the scheduler down.
+        check_token_ids(list(input_ids), manager.model_config.vocab_size)
     hints = find_chunk_hints(getattr(obj, "kv_hints", None))
     if hints is None:
         return result
@@ -60,4 +65,7 @@ def after_validate(result: Any, manager: Any, obj: Any, input_ids: Any, *_: Any,
     RopeSpec.from_config(config)  # UnsupportedRopeError (a ValueError) for YaRN, dynamic NTK, ...
     if hints.policy in SCORED:
         check_supported(config, getattr(manager.server_args, "tp_size", 1))
+    layers = int(config.get("num_hidden_layers") or 0)
+    if hints.policy == "query" and layers and hints.layers > layers:
+        raise ValueError(f"layers must be at most the model's {layers} layers, got {hints.layers}")
     return result

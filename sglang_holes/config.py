@@ -18,6 +18,9 @@ variable                           default                meaning
                                                           the same hole-aware attention code
 ``SGLANG_HOLES_CACHE``             ``~/.cache/sglang-     where the embedded model is converted to
                                    holes``
+``SGLANG_HOLES_CHECK_INTEGRITY``   ``0``                  ``1``: audit the KV pool's ownership at every
+                                                          scheduler step and stop loudly on a broken pool
+                                                          (tests and soaks; O(pool) per step)
 =================================  =====================  ==================================================
 
 ``SGLANG_PLATFORM`` is SGLang's own variable; ``selected_platform`` / ``select_platform``
@@ -41,6 +44,7 @@ ENV_ATTENTION_PATH = "SGLANG_HOLES_ATTENTION_PATH"
 ENV_MODE = "SGLANG_HOLES_MODE"
 ENV_MODEL_CACHE = "SGLANG_HOLES_CACHE"
 ENV_PLATFORM = "SGLANG_PLATFORM"
+ENV_CHECK_INTEGRITY = "SGLANG_HOLES_CHECK_INTEGRITY"
 
 ATTENTION_PATHS = ("auto", "custom_mask", "spans")
 MODES = ("holes", "prefix-only")
@@ -58,12 +62,15 @@ class HolesConfig:
         mask-free fused calls per run merged by log-sum-exp.
     mode: ``holes``, or ``prefix-only`` (benchmark baseline: every extend runs the hole
         attention code but only the leading cached run is reused).
+    check_integrity: audit the pool's slot ownership at every scheduler step
+        (``patches/pool_audit.py``); off by default.
     """
 
     eviction_policy: str = "cost-aware"
     attention_path: str = "auto"
     mode: str = "holes"
     eviction_params: tuple[tuple[str, float], ...] = ()
+    check_integrity: bool = False
 
     def __post_init__(self) -> None:
         _check(FLAG_EVICTION_POLICY, self.eviction_policy, tuple(EVICTION_POLICIES),
@@ -77,6 +84,8 @@ class HolesConfig:
                 raise ValueError(f"--radix-eviction-policy-config: {name} must be a number > 0, got {value!r}")
         _check(ENV_ATTENTION_PATH, self.attention_path, ATTENTION_PATHS, "a FlashInfer hole path")
         _check(ENV_MODE, self.mode, MODES, "a mode")
+        if not isinstance(self.check_integrity, bool):
+            raise ValueError(f"check_integrity must be a bool, got {self.check_integrity!r}")
 
     @property
     def prefix_only(self) -> bool:
@@ -94,7 +103,14 @@ class HolesConfig:
             raise ValueError(f"--radix-eviction-policy-config must be a JSON object, got {params!r}")
         return cls(eviction_policy=SGLANG_POLICY_NAMES.get(policy, policy),
                    attention_path=env.get(ENV_ATTENTION_PATH, cls.attention_path),
-                   mode=env.get(ENV_MODE, cls.mode), eviction_params=tuple(sorted(params.items())))
+                   mode=env.get(ENV_MODE, cls.mode), eviction_params=tuple(sorted(params.items())),
+                   check_integrity=_flag(ENV_CHECK_INTEGRITY, env.get(ENV_CHECK_INTEGRITY, "0")))
+
+
+def _flag(variable: str, value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(f"{variable}={value!r} must be 0 or 1")
+    return value == "1"
 
 
 def _check(variable: str, value: str, allowed: tuple[str, ...], what: str) -> None:

@@ -10,6 +10,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Every engine and server a test starts audits its KV pool's ownership at every scheduler step
+# (patches/pool_audit.py): a slot owned twice or leaked stops the scheduler at the step that broke it.
+os.environ.setdefault("SGLANG_HOLES_CHECK_INTEGRITY", "1")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("SGLANG_HOLES_NIGHTLY") == "1":

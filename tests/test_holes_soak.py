@@ -378,3 +378,36 @@ def test_input_logprobs_of_a_chunk_request_across_pieces(chunked, tiny_engines):
     assert [x[1] for x in got_lp] == [x[1] for x in ref_lp]
     assert max(abs(a[0] - b[0]) for a, b in zip(got_lp[1:], ref_lp[1:], strict=True)) <= LOGPROB_TOL
     _check_pool(chunked)
+
+
+def test_chunks_stored_after_a_piece_stay_the_stores(chunked, tiny_engines):
+    """Issue 19's one-client reproduction. ``[sys, d6, d3]``, then ``[sys, d6, d0, d1, d2]``: d6 is read
+    in place, d0-d2 are new and prefilled over several pieces. The checkpoint after each piece hands
+    the finished documents to the chunk store; the next piece's commit used to forget that, so the
+    release freed slots the store still owned (on main: pool not whole after a flush, "a slot is owned
+    twice" once they were handed out again). Now the ledger keeps handed spans until release."""
+    cold = tiny_engines[1]
+    rng = random.Random(19)
+    system = [rng.randrange(3, 2000) for _ in range(24)]
+    docs = [[rng.randrange(3, 2000) for _ in range(90)] for _ in range(7)]
+    kw = dict(sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
+
+    def request(picked: list[int], question: list[int]) -> tuple[list[int], dict]:
+        from sglang_holes.chunks.hints import chunk_envelope
+
+        ids, spans = list(system), []
+        for d in picked:
+            spans.append((len(ids), len(ids) + len(docs[d])))
+            ids += docs[d]
+        return ids + question, chunk_envelope(spans, "none")
+
+    assert chunked.flush_cache().success
+    for picked, question in (([6, 3], [5, 6, 7]), ([6, 0, 1, 2], [8, 9, 10, 11])):
+        ids, hints = request(picked, question)
+        got = chunked.generate(input_ids=ids, kv_hints=hints, **kw)
+        _compare(got, cold.generate(input_ids=ids, **kw), picked)  # every reused document sits in place
+        _check_pool(chunked)
+    assert got["meta_info"]["chunk_reuse"]["reused_chunks"] == 1
+    assert _check_pool(chunked)["chunks"]["entries"] == 5
+    assert chunked.flush_cache().success
+    assert _check_pool(chunked)["available"] == CHUNKED_POOL

@@ -89,3 +89,19 @@ def test_every_hook_module_registers_through_the_table_only():
     root = pathlib.Path(hooks.__file__).parent
     others = [p.name for p in root.glob("*.py") if p.name != "hooks.py" and "HookRegistry.register" in p.read_text()]
     assert others == []
+
+
+def test_hole_backends_keep_the_coarse_overlap_barrier():
+    """The overlap scheduler fences chunk copies and probes (schedule stream) behind the whole forward
+    only while an extend's shared reads end at UNKNOWN: neither SGLang's backends we subclass nor ours
+    may declare an earlier read end (see the WAR-barrier entries of ``INVARIANTS``)."""
+    from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    from sglang_holes.patches.flashinfer_backend import HoleFlashInferAttnBackend
+    from sglang_holes.patches.torch_native_backend import HoleTorchNativeAttnBackend
+
+    for cls in (FlashInferAttnBackend, TorchNativeAttnBackend, HoleFlashInferAttnBackend, HoleTorchNativeAttnBackend):
+        for name in ("shared_read_ends", "resolve_prefill_shared_read_ends"):
+            assert getattr(cls, name) is getattr(AttentionBackend, name), (cls.__name__, name)

@@ -23,11 +23,22 @@ from sglang_holes.patches.cache_factory import _neox_style, quantized_kv, why_no
     ({"cuda_graph_backend_prefill": "full"}, "--cuda-graph-backend-prefill full"),
     ({"enable_mis": True}, "--enable-mis"),
     ({"enable_mixed_chunk": True}, "--enable-mixed-chunk"),
+    ({"disaggregation_mode": "prefill"}, "--disaggregation-mode prefill"),
+    ({"disaggregation_mode": "decode"}, "--disaggregation-mode decode"),
+    ({"pp_size": 2}, "--pp-size 2"),
+    ({"enable_dp_attention": True}, "--enable-dp-attention"),
+    ({"enable_two_batch_overlap": True}, "--enable-two-batch-overlap"),
+    ({"enable_single_batch_overlap": True}, "--enable-single-batch-overlap"),
 ])
 def test_refused_at_start(settings, flag):
     why = launch.refusal(settings)
     assert why is not None and flag in why, why
     assert launch.refusal({**settings, "radix_cache_backend": "radix"}) is None  # stock SGLang: not ours
+
+
+def test_defaults_of_the_newly_refused_settings_pass():
+    assert launch.refusal({"disaggregation_mode": "null", "pp_size": 1, "enable_dp_attention": False,
+                           "enable_two_batch_overlap": False, "enable_single_batch_overlap": False}) is None
 
 
 def test_prefill_cuda_graphs_through_the_config_are_refused():
@@ -108,7 +119,8 @@ def test_chunk_hints_are_refused_where_chunk_reuse_cannot_run():
 
     def manager(kv: str = "auto", **model: object) -> SimpleNamespace:
         return SimpleNamespace(server_args=SimpleNamespace(radix_cache_backend="holes", kv_cache_dtype=kv),
-                               model_config=SimpleNamespace(hf_text_config=hf, hf_config=hf, **model))
+                               model_config=SimpleNamespace(hf_text_config=hf, hf_config=hf, vocab_size=100,
+                                                            **model))
 
     assert after_validate("ok", manager(), obj, [1, 2, 3, 4, 5]) == "ok"
     with pytest.raises(ValueError, match="quantized KV cache"):
