@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sglang_holes.chunks.hints import SCORED
+from sglang_holes.chunks.hints import DEFAULT_QUERY_LAYERS, SCORED
 
 RECOMPUTED = "recomputed_tokens"
 SPANS = "hole_spans"
@@ -63,7 +63,7 @@ def record_chunk_reuse(req: Any, state: Any) -> None:
     if hints.policy in SCORED:
         params["ratio"] = hints.ratio
     if hints.policy == "query":
-        params["layers"] = hints.layers
+        params["layers"] = hints.layers if hints.layers is not None else DEFAULT_QUERY_LAYERS
     if hints.policy == "explicit":
         params["recompute"] = [list(span) for span in hints.recompute]
     if state.prefix_len:  # the leading non-chunk prefix, read from the exact tree (exact KV)

@@ -28,6 +28,7 @@ never freed); ``evict`` returns slots to SGLang's allocator.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
@@ -56,6 +57,8 @@ from sglang_holes.patches.radix_cache_chunks import ChunkMatch, ChunkReuse
 from sglang_holes.patches.request_holes import HoleFill, holes_of, stock_path_reason
 
 __all__ = ["BACKEND_NAME", "HoleRadixCache"]
+
+logger = logging.getLogger("sglang_holes")
 
 
 class HoleRadixCache(BasePrefixCache):
@@ -126,6 +129,24 @@ class HoleRadixCache(BasePrefixCache):
         return not self.disable
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        """The match SGLang admits (virtual order when KV exists beyond a hole or in the chunk store).
+
+        A failure while planning one request's reuse (tree walk, chunk placement, probes) never stops
+        the scheduler: that request is logged with its rid, counted (``request_errors``) and matched
+        with no reuse at all, which is always correct (it computes every position).
+        """
+        try:
+            return self._match_prefix(params)
+        except Exception:
+            req = params.req
+            logger.exception("sglang-holes: reuse planning failed for request %s; it is served without reuse",
+                             getattr(req, "rid", None))
+            self.count("request_errors")
+            if req is not None:
+                holes_of(req).fill = None
+            return MatchResult(0, self.root_node, self.root_node, self.root_node)
+
+    def _match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         key = params.key
         if self.disable or len(key) == 0:
             return MatchResult(0, self.root_node, self.root_node, self.root_node)

@@ -31,7 +31,7 @@ import torch
 
 from sglang_holes.cache.node import Segment
 from sglang_holes.chunks.deviation import deviation_scores
-from sglang_holes.chunks.hints import SCORED, ChunkHints, recompute_mask, unscored_mask
+from sglang_holes.chunks.hints import DEFAULT_QUERY_LAYERS, SCORED, ChunkHints, recompute_mask, unscored_mask
 from sglang_holes.chunks.kv_copy import copy_rerotated
 from sglang_holes.chunks.llama_stack import LlamaStack
 from sglang_holes.chunks.placement import ChunkFill, plan_chunk_fill
@@ -152,7 +152,8 @@ class ChunkReuse:
         def placed(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
             return self._placed(hints, hits, layer, ids.numel())
 
-        out = self._probe.run(ids, computed, placed, min(hints.layers, self._probe.num_layers), scored)
+        layers = min(hints.layers or DEFAULT_QUERY_LAYERS, self._probe.num_layers)  # explicit: checked at entry
+        out = self._probe.run(ids, computed, placed, layers, scored)
         return out.mass
 
     def _placed(self, hints: ChunkHints, hits: list[ChunkEntry | None], layer: int, n: int

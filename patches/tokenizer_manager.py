@@ -66,6 +66,6 @@ def after_validate(result: Any, manager: Any, obj: Any, input_ids: Any, *_: Any,
     if hints.policy in SCORED:
         check_supported(config, getattr(manager.server_args, "tp_size", 1))
     layers = int(config.get("num_hidden_layers") or 0)
-    if hints.policy == "query" and layers and hints.layers > layers:
+    if hints.policy == "query" and layers and hints.layers is not None and hints.layers > layers:
         raise ValueError(f"layers must be at most the model's {layers} layers, got {hints.layers}")
     return result

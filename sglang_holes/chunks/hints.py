@@ -48,7 +48,9 @@ class ChunkHints:
     policy: str = "first_k"
     k: int | None = None  # first tokens of each reused chunk recomputed; None: 16 for first_k, else 0
     ratio: float = 0.15
-    layers: int = DEFAULT_QUERY_LAYERS  # query: layers the probe runs (scores averaged over them)
+    # query: layers the probe runs (scores averaged over them); None: DEFAULT_QUERY_LAYERS, or all of a
+    # smaller model's. A value above the served model's layers is refused at entry, never clamped.
+    layers: int | None = None
     recompute: tuple[Span, ...] = ()  # explicit: the spans recomputed
 
     def __post_init__(self) -> None:
@@ -58,7 +60,8 @@ class ChunkHints:
             object.__setattr__(self, "k", 16 if self.policy == "first_k" else 0)
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 0:
             raise ValueError(f"k must be an integer >= 0, got {self.k!r}")
-        if not isinstance(self.layers, int) or isinstance(self.layers, bool) or self.layers < 1:
+        if self.layers is not None and (not isinstance(self.layers, int) or isinstance(self.layers, bool)
+                                        or self.layers < 1):
             raise ValueError(f"layers must be an integer >= 1, got {self.layers!r}")
         _check_spans("recompute span", self.recompute)
         number = isinstance(self.ratio, int | float) and not isinstance(self.ratio, bool)
@@ -99,7 +102,7 @@ def parse_chunk_action(version: str, payload: Mapping[str, Any]) -> ChunkHints:
     if ("recompute" in payload) != (policy == "explicit"):
         raise ValueError("recompute (a list of [start, end) spans) goes with policy explicit, and only with it")
     return ChunkHints(chunks, policy, payload.get("k"), payload.get("ratio", 0.15),
-                      payload.get("layers", DEFAULT_QUERY_LAYERS),
+                      payload.get("layers"),
                       _parse_spans("recompute", payload.get("recompute", []), allow_empty=True))
 
 
