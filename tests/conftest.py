@@ -139,7 +139,12 @@ def rag_server(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path) -
 
     root = tmp_path_factory.mktemp("rag-server")
     model = make_tiny_chat_model(root / "model", embedded_model)
-    server = start_server(model, root / "server.log", "--chunked-prefill-size", str(RAG_CHUNK), pool=RAG_POOL)
+    # SGLang's own knobs: admission reserves 0.1 of a request's max_new_tokens for decode (0.7 by default,
+    # back to 0.1 within 10 steps after a retraction), so the pool runs out mid-decode and SGLang retracts
+    # requests as under load; and its test mode retracts decoding requests every 25th step besides.
+    server = start_server(model, root / "server.log", "--chunked-prefill-size", str(RAG_CHUNK), pool=RAG_POOL,
+                          env={"SGLANG_INIT_NEW_TOKEN_RATIO": "0.1", "SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS": "10",
+                               "SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "25"})
     try:
         yield server
     finally:

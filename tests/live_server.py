@@ -80,10 +80,11 @@ class LiveServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start_server(model: Path, log: Path, *flags: str, pool: int, timeout_s: float = 300) -> LiveServer:
+def start_server(model: Path, log: Path, *flags: str, pool: int, env: dict[str, str] | None = None,
+                 timeout_s: float = 300) -> LiveServer:
     """``sglang-holes serve`` on a free loopback port, live integrity on; waits for /health."""
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", SGLANG_HOLES_CHECK_INTEGRITY="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SGLANG_HOLES_CHECK_INTEGRITY="1", **(env or {}))
     out = log.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "sglang_holes.patches.cli", "serve", "--model-path", str(model),
                              "--host", "127.0.0.1", "--port", str(port), "--max-total-tokens", str(pool),

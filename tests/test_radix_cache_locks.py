@@ -46,3 +46,40 @@ def test_dec_lock_ref_cannot_release_a_request_lock():
     cache.unlock(receipt)
     assert node.lock_ref == 0
     cache.check_integrity()
+
+
+def test_a_request_whose_planning_fails_is_served_without_reuse(caplog):
+    """A failure while planning one request's reuse is that request's alone: logged with its rid, counted,
+    matched with no reuse (it computes everything: always correct); the cache keeps serving others."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+
+    cache = _cache()
+    tree = cache._tree()
+    with cache.namespaces.tracked(tree):
+        tree.insert([1, 2, 3, 4, 5, 6], torch.arange(1, 7))
+        tree.evict_span([1, 2, 3, 4, 5, 6], 1, 3)  # a hole: [4, 6) lies beyond it
+    cache.hole_extend = True
+    req = SimpleNamespace(rid="r-7", kv_hints=None, multimodal_inputs=None, input_embeds=None,
+                          return_hidden_states=False, return_logprob=False, logprob_start_len=-1,
+                          origin_input_ids=[1, 2, 3, 4, 5, 6, 7])
+    class Key(list):
+        extra_key = cache_salt = None
+
+        @property
+        def token_ids(self) -> list[int]:
+            return list(self)
+
+    key = Key([1, 2, 3, 4, 5, 6])
+    ok = cache.match_prefix(MatchPrefixParams(key=key, req=req))
+    assert (ok.device_prefix_len, ok.cache_protected_len) == (4, 1)  # [0, 1) and [3, 6): virtual order
+
+    def broken(tokens):
+        raise IndexError("planning bug")
+
+    tree.match = broken
+    with caplog.at_level("ERROR", logger="sglang_holes"):
+        got = cache.match_prefix(MatchPrefixParams(key=key, req=req))
+    assert got.device_prefix_len == 0 and req.holes.fill is None
+    assert cache.stats["request_errors"] == 1
+    assert "r-7" in caplog.text and "served without reuse" in caplog.text
+    cache.check_integrity()
