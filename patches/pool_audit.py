@@ -43,10 +43,12 @@ def census(scheduler: Any) -> PoolCensus:
     holders = {f"tree {ns}": t.owned_slots() for ns, t in cache.namespaces.items()}
     if cache.chunks is not None:
         holders["chunk store"] = cache.chunks.store.owned_slots()
-    rows = [RowCensus(str(req.rid), _own_slots(cache, req))
-            for req in scheduler.invariant_checker._requests_owning_rows()]
+    reqs = scheduler.invariant_checker._requests_owning_rows()
+    rows = [RowCensus(str(req.rid), _own_slots(cache, req)) for req in reqs]
+    stale = sorted(set(cache.ledger.rows()) - {int(req.kv.req_pool_idx) for req in reqs})
     return PoolCensus(int(alloc.size), int(alloc.page_size), alloc.get_all_free_pages(), holders, rows,
-                      int(alloc.available_size()), int(cache.evictable_size()), int(cache.protected_size()))
+                      int(alloc.available_size()), int(cache.evictable_size()), int(cache.protected_size()),
+                      stale)
 
 
 def audit_scheduler(scheduler: Any) -> AuditReport:

@@ -423,8 +423,10 @@ class HoleRadixCache(BasePrefixCache):
                   f"({tree.evictable_size} evictable, {tree.protected_size} locked)")
 
     def check_integrity(self) -> None:
-        """Every tree's and the chunk store's integrity, and no slot owned twice."""
+        """Every tree's, the chunk store's and the ledger's integrity, and no slot owned twice by holders (the
+        whole pool, live requests included, is audited by ``patches/pool_audit.py``)."""
         self.namespaces.check_integrity()
+        self.ledger.check_integrity()
         if self.chunks is not None:
             self.chunks.store.check_integrity()
         owned = self.all_values_flatten()

@@ -125,27 +125,3 @@ def tiny_engines(engines, tiny_llama: Path) -> tuple[object, object]:
                           max_total_tokens=TINY_POOL, **common)
     cold = engines.start(radix_cache_backend=None, disable_radix_cache=True, max_total_tokens=8192, **common)
     return holes, cold
-
-
-RAG_POOL = 3200  # ~3 of the soak's longest prompts: constant eviction, some retraction under 16 clients
-RAG_CHUNK = 256
-
-
-@pytest.fixture(scope="session")
-def rag_server(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path) -> Iterator[object]:
-    """A real ``sglang-holes serve`` (tiny chat model, chunked prefill 256, a small pool, live integrity
-    on) shared by the load soak and the request fuzz."""
-    from tests.live_server import make_tiny_chat_model, start_server
-
-    root = tmp_path_factory.mktemp("rag-server")
-    model = make_tiny_chat_model(root / "model", embedded_model)
-    # SGLang's own knobs: admission reserves 0.1 of a request's max_new_tokens for decode (0.7 by default,
-    # back to 0.1 within 10 steps after a retraction), so the pool runs out mid-decode and SGLang retracts
-    # requests as under load; and its test mode retracts decoding requests every 25th step besides.
-    server = start_server(model, root / "server.log", "--chunked-prefill-size", str(RAG_CHUNK), pool=RAG_POOL,
-                          env={"SGLANG_INIT_NEW_TOKEN_RATIO": "0.1", "SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS": "10",
-                               "SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "25"})
-    try:
-        yield server
-    finally:
-        server.stop()

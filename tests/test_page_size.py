@@ -54,6 +54,11 @@ def test_holes_at_page_granularity_equal_cold_runs(paged, tiny_engines, n, spans
     kw = dict(input_ids=ids, sampling_params=SAMPLING, return_logprob=True, top_logprobs_num=5)
     assert paged.flush_cache().success
     paged.generate(input_ids=ids, sampling_params=SAMPLING)
+    for s, e in ((n - 3, n + 1), (0, 4 * n), (-1, 5)):  # outside the prompt: refused at any page size, not clamped
+        with pytest.raises(ValueError, match="outside"):
+            paged.evict_span(ids, s, e)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        paged.evict_span([*ids, 2048], 0, 4)  # the tiny Llama's vocabulary is 2048: an id after `end`
     freed = sum(paged.evict_span(ids, s, e) for s, e in spans)
     evicted = _evicted(spans, p, n)
     assert freed == sum(e - s for s, e in evicted)

@@ -51,6 +51,9 @@ def test_audit_accepts_a_whole_pool_and_names_each_breakage():
     assert any("evictable 5" in p for p in wrong_counts.problems), wrong_counts
     padding = audit(_census(10, [1, 2, 3], {"tree": [4, 5, 6], "store": [7]}, {"r1": [0, 8, 9, 10]}))
     assert any("outside" in p for p in padding.problems), padding
+    stale = audit(_census(10, [1, 2, 3], {"tree": [4, 5, 6], "store": [7]}, {"r1": [8, 9, 10]})._replace(
+        stale_rows=[5]))
+    assert any("no live request holds: [5]" in p for p in stale.problems), stale
     dup_free = audit(_census(10, [1, 2, 3, 3], {"tree": [4, 5, 6], "store": [7]}, {"r1": [8, 9, 10]}))
     assert any("free list holds 1 pages twice" in p for p in dup_free.problems), dup_free
 

@@ -93,18 +93,3 @@ def plan_hole_chunk(order: torch.Tensor, computed: int, extend_len: int,
     rest = order[computed + extend_len :]
     return HoleChunk(positions, query, computed, tuple(spans_from_positions(positions[query].tolist())),
                      tuple(spans_from_positions(rest.tolist())))
-
-
-def subtract_spans(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Half-open ``ranges`` without the positions in ``minus`` (both ascending, disjoint)."""
-    out = []
-    for a, b in ranges:
-        for s, e in minus:
-            if e <= a or s >= b:
-                continue
-            if s > a:
-                out.append((a, s))
-            a = max(a, e)
-        if a < b:
-            out.append((a, b))
-    return out

@@ -97,7 +97,9 @@ class PoolCensus(NamedTuple):
     pool_size: usable slots (SGLang's ``max_total_num_tokens``; slot ids ``1..pool_size``,
         slot 0 is the padding slot). page_size: tokens per page. free_pages: the allocator's
         free page ids. holders: name -> the slot ids a holder owns. rows: live requests' own
-        slots. available / evictable / protected: the counts SGLang reads (tokens).
+        slots. available / evictable / protected: the counts SGLang reads (tokens). stale_rows: rows
+        the ledger still has claims for although no live request holds them (a released request's
+        claims would hide part of the next owner's row).
     """
 
     pool_size: int
@@ -108,6 +110,7 @@ class PoolCensus(NamedTuple):
     available: int
     evictable: int
     protected: int
+    stale_rows: Sequence[int] = ()
 
 
 class AuditReport(NamedTuple):
@@ -212,6 +215,8 @@ def audit(census: PoolCensus) -> AuditReport:
     leaked = (count[1:] == 0).nonzero().flatten() + 1
     if leaked.numel():
         problems.append(f"{leaked.numel()} pages owned by nobody (leaked, e.g. {leaked[:8].tolist()})")
+    if census.stale_rows:
+        problems.append(f"the ledger holds claims of rows no live request holds: {list(census.stale_rows)[:8]}")
     held = sum(int(s.numel()) for s in census.holders.values())
     if census.evictable + census.protected != held:
         problems.append(f"evictable {census.evictable} + protected {census.protected} != {held} tokens the "
