@@ -22,7 +22,11 @@ cache's sizes and eviction.
 Slot ownership follows ``HoleTree``: the tree owns what it stores; ``checkpoint``
 inserts the request's row and frees exactly the slots the tree rejected (the
 identity-aware ``rejected_slots``: a slot the tree already owns at that position is
-never freed); ``evict`` returns slots to SGLang's allocator.
+never freed); ``evict`` returns slots to SGLang's allocator. Which spans of a live request's
+row are not its own (reused in place, not computed yet, handed to the store or the tree after a
+prefill piece) is recorded in one place, ``self.ledger`` (``sglang_holes.cache.slot_ledger``):
+``free_kv_row`` and ``checkpoint`` ask it, and ``patches/pool_audit.py`` audits the whole pool
+against it.
 """
 
 from __future__ import annotations
