@@ -25,6 +25,7 @@ positional overrides, input logprobs of a hole request.
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ from sglang_holes.patches.forward_batch import BATCH_ATTR
 from sglang_holes.patches.meta_info import record_chunk_reuse, record_recomputed
 from sglang_holes.patches.radix_cache import HoleRadixCache
 from sglang_holes.patches.request_holes import HoleFill, holes_of
+
+logger = logging.getLogger("sglang_holes")
 
 
 def _holes_cache(batch: Any) -> HoleRadixCache | None:
@@ -101,7 +104,7 @@ def _commit(tree: HoleRadixCache, batch: Any, plans: list[HoleChunk | None], sta
             _count_plain_chunk_request(tree, req, pre)
             continue
         fill = holes_of(req).fill
-        ids_i = _commit_fill_extend(tree, batch, req, plan, out_i)
+        ids_i, plan = _commit_fill_extend(tree, batch, req, plan, out_i)
         positions.append(plan.queries)
         nq = int(plan.queries.numel())
         if nq != ext:  # chunk copies are not queries: SGLang's forward sees the queries only
@@ -125,10 +128,11 @@ def _commit(tree: HoleRadixCache, batch: Any, plans: list[HoleChunk | None], sta
 
 
 def _commit_fill_extend(tree: HoleRadixCache, batch: Any, req: Any, chunk: HoleChunk, slots: torch.Tensor
-                        ) -> torch.Tensor:
+                        ) -> tuple[torch.Tensor, HoleChunk]:
     """One extend of a fill: chunk KV copied into the slots of its copied positions, every slot to its
     real position, the row rewritten in position order (SGLang wrote it in virtual order); counters
-    and ``meta_info``. Returns the token ids of the extend's positions."""
+    and ``meta_info``. Returns the token ids of the extend's positions and the plan as committed (a
+    request whose copy failed computes those positions instead: logged with its rid, counted)."""
     fill = holes_of(req).fill
     row = batch.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
     n = len(req.full_untruncated_fill_ids)
@@ -139,7 +143,13 @@ def _commit_fill_extend(tree: HoleRadixCache, batch: Any, req: Any, chunk: HoleC
                 fill.row[g.start : g.end] = g.slots.to(row.device, row.dtype)
     if chunk.copies:
         copy = (~chunk.query).nonzero().flatten()
-        tree.chunks.copy_in(fill.chunk, chunk.positions[copy], slots.index_select(0, copy.to(slots.device)))
+        try:
+            tree.chunks.copy_in(fill.chunk, chunk.positions[copy], slots.index_select(0, copy.to(slots.device)))
+        except Exception:  # the slots are the request's own: computing them instead is exact
+            logger.exception("sglang-holes: chunk KV copy failed for request %s; it computes those positions",
+                             req.rid)
+            tree.count("request_errors")
+            chunk = chunk.computing_all()
     fill.row[chunk.positions.to(row.device)] = slots.to(row.dtype)
     row[:n] = fill.row
     fill.computed += int(chunk.positions.numel())
@@ -153,7 +163,7 @@ def _commit_fill_extend(tree: HoleRadixCache, batch: Any, req: Any, chunk: HoleC
         _count_chunk_extend(tree, req, fill, chunk, stained)
     elif not stained:
         _count_hole_extend(tree, fill, chunk, n)
-    return _token_ids(req)[chunk.positions]
+    return _token_ids(req)[chunk.positions], chunk
 
 
 def _count_hole_extend(tree: HoleRadixCache, fill: HoleFill, chunk: HoleChunk, n: int) -> None:

@@ -46,3 +46,46 @@ def test_meta_info_spans_of_a_retracted_request_keep_its_first_prefill():
     record_recomputed(req, [(0, 105)], continued=False)
     assert req.customized_info["hole_spans"] == [[10, 30], [99, 100]]
     assert req.customized_info["recomputed_tokens"] == [21]
+
+
+def test_a_failed_chunk_copy_computes_those_positions_instead(caplog):
+    """A per-request failure while copying chunk KV (placement) is that request's alone: its copied
+    positions become queries (computed exactly into the same, own slots), logged with its rid and
+    counted; the row, the ledger and the counters are as for any committed extend."""
+    from sglang_holes.cache.extend_plan import plan_hole_chunk
+    from sglang_holes.chunks.hints import ChunkHints
+    from sglang_holes.chunks.placement import ChunkFill
+    from sglang_holes.chunks.state import ChunkState
+    from sglang_holes.patches.schedule_batch import _commit_fill_extend
+
+    cache = _cache()
+    # 8 positions: [0, 2) read in place, [2, 5) a moved chunk (copied, delta 5), [5, 8) computed
+    recompute = torch.tensor([False] * 5 + [True] * 3)
+    delta = torch.tensor([0, 0, 5, 5, 5, 0, 0, 0])
+    src = torch.tensor([40, 41, 50, 51, 52, -1, -1, -1])
+    plan = ChunkFill(recompute, src, delta)
+    fill = HoleFill(0, 2, plan.segments(), node=object(), chunk=plan, order=plan.order)
+
+    def broken(*_):
+        raise RuntimeError("copy kernel failed")
+
+    hints = ChunkHints(((0, 2), (2, 5)), "none")
+    state = ChunkState(hints, None, [object(), object()])
+    cache.chunks = SimpleNamespace(copy_in=broken,
+                                   committed=lambda req, reused: setattr(state, "reused_tokens", reused))
+    req = SimpleNamespace(rid="r-9", holes=RequestHoles(hints, fill=fill, chunk=state),
+                          kv=SimpleNamespace(req_pool_idx=1), full_untruncated_fill_ids=list(range(100, 108)),
+                          retracted_stain=False, customized_info=None, cached_tokens=2)
+    batch = SimpleNamespace(req_to_token_pool=SimpleNamespace(req_to_token=torch.zeros(2, 16, dtype=torch.int32)))
+    extend = plan_hole_chunk(plan.order, 0, 6, plan.copied)
+    assert extend.copies == 3
+    with caplog.at_level("ERROR", logger="sglang_holes"):
+        ids, committed = _commit_fill_extend(cache, batch, req, extend, torch.arange(10, 16))
+    assert committed.copies == 0 and committed.queries.tolist() == [2, 3, 4, 5, 6, 7]
+    assert committed.spans == ((2, 8),) and ids.tolist() == list(range(102, 108))
+    assert batch.req_to_token_pool.req_to_token[1, :8].tolist() == [40, 41, 10, 11, 12, 13, 14, 15]
+    assert cache.ledger.not_owned(1) == [(0, 2)]  # the in-place chunk stays the store's
+    assert cache.stats["request_errors"] == 1 and "r-9" in caplog.text
+    # Reported as reused: the in-place chunk only (the copies were computed); SGLang's count unchanged.
+    assert state.reused_tokens == 2 and req.cached_tokens == 2
+    assert (cache.stats["chunk_requests"], cache.stats["chunk_reused_tokens"]) == (1, 2)

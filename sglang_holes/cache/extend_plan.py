@@ -75,6 +75,11 @@ class HoleChunk:
     def copies(self) -> int:
         return int((~self.query).sum())
 
+    def computing_all(self) -> HoleChunk:
+        """This extend with every position computed (none copied): the fallback when a copy fails."""
+        spans = tuple(spans_from_positions(self.positions.tolist()))
+        return HoleChunk(self.positions, torch.ones_like(self.query), self.computed_before, spans, self.uncomputed)
+
 
 def plan_hole_chunk(order: torch.Tensor, computed: int, extend_len: int,
                     copied: torch.Tensor | None = None) -> HoleChunk:
