@@ -90,12 +90,12 @@ def factory(ctx: Any) -> HoleRadixCache:
     metrics = None
     if getattr(args, "enable_metrics", False):
         metrics = HoleMetrics(args.served_model_name or args.model_path)
-    return HoleRadixCache(ctx.params, HolesConfig.build(ctx.server_args), recompute_cost=cost,
-                          hole_extend=reason is None, metrics=metrics, chunks=_chunk_reuse(ctx, hf, reason),
-                          why_no_holes=reason)
+    config = HolesConfig.build(ctx.server_args)
+    return HoleRadixCache(ctx.params, config, recompute_cost=cost, hole_extend=reason is None, metrics=metrics,
+                          chunks=_chunk_reuse(ctx, hf, reason, config), why_no_holes=reason)
 
 
-def _chunk_reuse(ctx: Any, hf: Any, reason: str | None) -> ChunkReuse | None:
+def _chunk_reuse(ctx: Any, hf: Any, reason: str | None, holes: HolesConfig) -> ChunkReuse | None:
     """Chunk mode needs hole batches, an MHA KV pool (per-layer K/V buffers) and re-rotatable RoPE."""
     if reason is not None or hf is None or ctx.disable_radix_cache:
         return None
@@ -112,7 +112,8 @@ def _chunk_reuse(ctx: Any, hf: Any, reason: str | None) -> ChunkReuse | None:
         logger.warning("chunk reuse disabled: %s", e)
         return None
     return ChunkReuse(ctx.params.token_to_kv_pool_allocator, rope,
-                      probe_loader=probe_loader_for(ctx.tp_worker, config))
+                      probe_loader=probe_loader_for(ctx.tp_worker, config), store_tokens=holes.chunk_store_tokens,
+                      store_policy=holes.chunk_store_policy)
 
 
 def quantized_kv(server_args: Any) -> str | None:

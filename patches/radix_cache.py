@@ -263,7 +263,9 @@ class HoleRadixCache(BasePrefixCache):
             # Approximate KV stays out of the exact tree (the exact leading prefix goes in); computed
             # chunks go to the store.
             seed_chunk_prefix(self, req, row, up_to)
-            self.ledger.hand_over(kv.req_pool_idx, self.chunks.store_computed(req, row[:up_to].to(torch.int64), up_to))
+            stored = self.chunks.store_computed(req, row[:up_to].to(torch.int64), up_to)
+            self.ledger.hand_over(kv.req_pool_idx, stored.spans)
+            self.count("chunk_evicted_tokens", stored.dropped_tokens)
             return
         tokens = list(req.full_untruncated_fill_ids[:up_to])
         key_len = len(tokens) - len(tokens) % self.page_size
@@ -305,7 +307,7 @@ class HoleRadixCache(BasePrefixCache):
 
     def evict(self, params: EvictParams) -> EvictResult:
         """One rule for prefixes and chunks: the holder (a namespace's tree, or the chunk store)
-        with the most evictable tokens gives first, by its own order (tree: its policy; store: LRU)."""
+        with the most evictable tokens gives first, by its own order (tree: its eviction policy; store: its store policy)."""
         want = params.num_tokens
         freed = 0
         for tree in sorted(self._holders(), key=lambda t: -t.evictable_size):

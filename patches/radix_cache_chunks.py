@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,6 +42,13 @@ from sglang_holes.hf_config import attention_dims
 from sglang_holes.patches.request_holes import HoleFill, holes_of
 
 logger = logging.getLogger("sglang_holes")
+
+
+class Stored(NamedTuple):
+    """``store_computed``'s result: the row spans the store now owns, and the tokens it dropped for them."""
+
+    spans: list[tuple[int, int]]
+    dropped_tokens: int
 
 
 class ChunkMatch:
@@ -61,8 +68,10 @@ class ChunkReuse:
     """The chunk store of one ``HoleRadixCache`` and the chunk-mode steps (module docstring)."""
 
     def __init__(self, allocator: Any, rope: RopeSpec,
-                 probe_loader: Callable[[], LlamaStack] | None = None) -> None:
-        self.store = ChunkStore()
+                 probe_loader: Callable[[], LlamaStack] | None = None, store_tokens: int | None = None,
+                 store_policy: str = "frequency") -> None:
+        self._store_settings = {"capacity": store_tokens, "policy": store_policy}
+        self.store = ChunkStore(**self._store_settings)
         self.allocator = allocator
         self.rope = rope
         self._probe_loader = probe_loader
@@ -70,7 +79,7 @@ class ChunkReuse:
 
     def reset(self) -> None:
         """Forget every chunk (``flush_cache``: SGLang has already freed every slot)."""
-        self.store = ChunkStore()
+        self.store = ChunkStore(**self._store_settings)
 
     # ----------------------------------------------------------------- matching
 
@@ -211,6 +220,7 @@ class ChunkReuse:
         for j, entry in enumerate(st.hits):
             if entry is not None:
                 st.handled.add(j)
+                self.store.record_use(entry.tokens, entry.namespace)
                 self.store.lookup(entry.tokens, entry.namespace)
         st.reused_tokens = reused
 
@@ -244,28 +254,41 @@ class ChunkReuse:
 
     # ----------------------------------------------------------------- storing / release
 
-    def store_computed(self, req: Any, row: torch.Tensor, up_to: int) -> list[tuple[int, int]]:
-        """Hand chunks computed by this request (inside ``[0, up_to)``) to the store.
+    def store_computed(self, req: Any, row: torch.Tensor, up_to: int) -> Stored:
+        """Offer chunks computed by this request (inside ``[0, up_to)``) to the store.
 
-        Returns the row spans the store now owns (the caller must not free them); the
-        new entries stay locked until the request is released (it may still read them).
+        The store's policy decides which it keeps (``ChunkStore.admission``), dropping entries to
+        make room (their slots go back to the allocator here). Returns the row spans the store now
+        owns (the caller must not free them) and the tokens dropped; the new entries stay locked
+        until the request is released (it may still read them). A chunk not kept stays the
+        request's own and is freed with its row.
         """
         st = holes_of(req).chunk
         if st is None:  # never admitted (e.g. aborted while waiting): nothing computed
-            return []
+            return Stored([], 0)
         ids = req.origin_input_ids
-        owned = []
+        owned, dropped = [], 0
         for j, (s, e) in enumerate(st.hints.chunks):
             if j in st.handled or e > up_to:
                 continue
             st.handled.add(j)
-            entry, rejected = self.store.insert(ids[s:e], row[s:e], s, st.namespace)
+            tokens = ids[s:e]
+            self.store.record_use(tokens, st.namespace)
+            if self.store.get(tokens, st.namespace) is None:
+                decision = self.store.admission(tokens, st.namespace)
+                if not decision.admit:
+                    continue
+                freed = self.store.drop(decision.victims)
+                if freed.numel():
+                    self.allocator.free(freed.to(getattr(self.allocator, "device", "cpu") or "cpu"))
+                    dropped += int(freed.numel())
+            entry, rejected = self.store.insert(tokens, row[s:e], s, st.namespace)
             if rejected.numel():
                 continue  # already stored meanwhile (another request): ours is freed with the row
             self.store.lock(entry)
             st.locked.append(entry)
             owned.append((s, e))
-        return owned
+        return Stored(owned, dropped)
 
     def release(self, req: Any) -> None:
         """Unlock what the request holds (finish, abort, retraction)."""

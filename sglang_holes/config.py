@@ -18,6 +18,10 @@ variable                           default                meaning
                                                           the same hole-aware attention code
 ``SGLANG_HOLES_CACHE``             ``~/.cache/sglang-     where the embedded model is converted to
                                    holes``
+``SGLANG_HOLES_CHUNK_STORE_TOKENS`` unset                  the chunk store's capacity in tokens (unset: bounded
+                                                          only by the KV pool, which evicts it under pressure)
+``SGLANG_HOLES_CHUNK_STORE_POLICY`` ``frequency``         what the chunk store keeps: ``frequency`` (use counts
+                                                          with aging, TinyLFU admission) or ``lru``
 ``SGLANG_HOLES_CHECK_INTEGRITY``   ``0``                  ``1``: audit the KV pool's ownership at every
                                                           scheduler step and stop loudly on a broken pool
                                                           (tests and soaks; O(pool) per step)
@@ -45,6 +49,9 @@ ENV_MODE = "SGLANG_HOLES_MODE"
 ENV_MODEL_CACHE = "SGLANG_HOLES_CACHE"
 ENV_PLATFORM = "SGLANG_PLATFORM"
 ENV_CHECK_INTEGRITY = "SGLANG_HOLES_CHECK_INTEGRITY"
+ENV_CHUNK_STORE_TOKENS = "SGLANG_HOLES_CHUNK_STORE_TOKENS"
+ENV_CHUNK_STORE_POLICY = "SGLANG_HOLES_CHUNK_STORE_POLICY"
+CHUNK_STORE_POLICIES = ("frequency", "lru")
 
 ATTENTION_PATHS = ("auto", "custom_mask", "spans")
 MODES = ("holes", "prefix-only")
@@ -64,6 +71,8 @@ class HolesConfig:
         attention code but only the leading cached run is reused).
     check_integrity: audit the pool's slot ownership at every scheduler step
         (``patches/pool_audit.py``); off by default.
+    chunk_store_tokens: the chunk store's capacity in tokens (None: bounded by the KV pool only).
+    chunk_store_policy: what the chunk store keeps (``sglang_holes.chunks.store``).
     """
 
     eviction_policy: str = "cost-aware"
@@ -71,6 +80,8 @@ class HolesConfig:
     mode: str = "holes"
     eviction_params: tuple[tuple[str, float], ...] = ()
     check_integrity: bool = False
+    chunk_store_tokens: int | None = None
+    chunk_store_policy: str = "frequency"
 
     def __post_init__(self) -> None:
         _check(FLAG_EVICTION_POLICY, self.eviction_policy, tuple(EVICTION_POLICIES),
@@ -84,6 +95,10 @@ class HolesConfig:
                 raise ValueError(f"--radix-eviction-policy-config: {name} must be a number > 0, got {value!r}")
         _check(ENV_ATTENTION_PATH, self.attention_path, ATTENTION_PATHS, "a FlashInfer hole path")
         _check(ENV_MODE, self.mode, MODES, "a mode")
+        _check(ENV_CHUNK_STORE_POLICY, self.chunk_store_policy, CHUNK_STORE_POLICIES, "a chunk store policy")
+        tokens = self.chunk_store_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"{ENV_CHUNK_STORE_TOKENS}={tokens!r} must be a positive number of tokens")
         if not isinstance(self.check_integrity, bool):
             raise ValueError(f"check_integrity must be a bool, got {self.check_integrity!r}")
 
@@ -104,7 +119,18 @@ class HolesConfig:
         return cls(eviction_policy=SGLANG_POLICY_NAMES.get(policy, policy),
                    attention_path=env.get(ENV_ATTENTION_PATH, cls.attention_path),
                    mode=env.get(ENV_MODE, cls.mode), eviction_params=tuple(sorted(params.items())),
-                   check_integrity=_flag(ENV_CHECK_INTEGRITY, env.get(ENV_CHECK_INTEGRITY, "0")))
+                   check_integrity=_flag(ENV_CHECK_INTEGRITY, env.get(ENV_CHECK_INTEGRITY, "0")),
+                   chunk_store_tokens=_tokens(ENV_CHUNK_STORE_TOKENS, env.get(ENV_CHUNK_STORE_TOKENS)),
+                   chunk_store_policy=env.get(ENV_CHUNK_STORE_POLICY, cls.chunk_store_policy))
+
+
+def _tokens(variable: str, value: str | None) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{variable}={value!r} must be a positive number of tokens") from None
 
 
 def _flag(variable: str, value: str) -> bool:

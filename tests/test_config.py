@@ -48,3 +48,18 @@ def test_no_other_module_reads_the_environment():
     readers = [p.relative_to(root).as_posix() for d in ("sglang_holes", "patches") for p in (root / d).rglob("*.py")
                if ("os.environ" in p.read_text() or "getenv" in p.read_text()) and p.name != "config.py"]
     assert readers == []
+
+
+def test_chunk_store_settings():
+    from sglang_holes.config import HolesConfig
+
+    config = HolesConfig.build(None, {"SGLANG_HOLES_CHUNK_STORE_TOKENS": "20000",
+                                      "SGLANG_HOLES_CHUNK_STORE_POLICY": "lru"})
+    assert (config.chunk_store_tokens, config.chunk_store_policy) == (20000, "lru")
+    default = HolesConfig.build(None, {})
+    assert (default.chunk_store_tokens, default.chunk_store_policy) == (None, "frequency")
+    for env, message in (({"SGLANG_HOLES_CHUNK_STORE_TOKENS": "lots"}, "positive number of tokens"),
+                         ({"SGLANG_HOLES_CHUNK_STORE_TOKENS": "0"}, "positive number of tokens"),
+                         ({"SGLANG_HOLES_CHUNK_STORE_POLICY": "lfu"}, "SGLANG_HOLES_CHUNK_STORE_POLICY='lfu'")):
+        with pytest.raises(ValueError, match=message):
+            HolesConfig.build(None, env)

@@ -1,7 +1,7 @@
 """Chunk layer (RAG): document KV reused at any position.
 
 * ``hints`` -- the ``sglang_holes.chunks`` kv_hints action, ``ChunkHints``, recompute sets.
-* ``store`` -- ``ChunkStore``: content-addressed chunk KV per namespace, locks, LRU eviction.
+* ``store`` -- ``ChunkStore``: content-addressed chunk KV per namespace, locks, what it keeps (frequency or LRU).
 * ``rope`` / ``kv_copy`` -- re-rotating stored K by a position delta while copying it.
 * ``deviation`` -- the layer-1 KV deviation probe (CacheBlend-style selection).
 
