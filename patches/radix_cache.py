@@ -307,7 +307,8 @@ class HoleRadixCache(BasePrefixCache):
 
     def evict(self, params: EvictParams) -> EvictResult:
         """One rule for prefixes and chunks: the holder (a namespace's tree, or the chunk store)
-        with the most evictable tokens gives first, by its own order (tree: its eviction policy; store: its store policy)."""
+        with the most evictable tokens gives first, by its own order (tree: its eviction policy; store: its
+        store policy)."""
         want = params.num_tokens
         freed = 0
         for tree in sorted(self._holders(), key=lambda t: -t.evictable_size):
