@@ -13,6 +13,9 @@ in random order:
   reuses the documents stored before and stores the new ones across several prefill pieces;
 * requests aborted mid-prefill (``/abort_request``), plain and chunk, and clients that hang up.
 
+The chunk store has a capacity of its own (1,500 tokens, ``SGLANG_HOLES_CHUNK_STORE_TOKENS``), so its
+admission keeps some documents and turns others away while requests read them.
+
 Every answer equals its reference: plain and hole requests the cold run, chunk requests the same
 request served alone after a flush (top-1 ids equal, top-5 logprobs within 1e-4: fp32 end to end).
 A reused document always sits where it was stored, after the same tokens, so its KV is exact
@@ -46,6 +49,7 @@ pytestmark = pytest.mark.engine
 
 RAG_POOL = 3200  # ~3 of the soak's longest prompts: constant eviction, some retraction under 16 clients
 RAG_CHUNK = 256
+RAG_STORE = 1500  # the chunk store's own capacity: about half the soak's documents, so admission decides
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,8 @@ def rag_server(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path) -
     # requests as under load; and its test mode retracts decoding requests every 25th step besides.
     server = start_server(model, root / "server.log", "--chunked-prefill-size", str(RAG_CHUNK), pool=RAG_POOL,
                           env={"SGLANG_INIT_NEW_TOKEN_RATIO": "0.1", "SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS": "10",
-                               "SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "25"})
+                               "SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "25",
+                               "SGLANG_HOLES_CHUNK_STORE_TOKENS": str(RAG_STORE)})
     try:
         yield server
     finally:
@@ -80,6 +85,8 @@ def test_sixteen_clients_mixing_every_request_kind(rag_server):
     assert stats["chunk_requests"] - stats0["chunk_requests"] >= 20 and tally.reused_chunks > 20, (stats, tally)
     assert tally.evicted > 0 and tally.aborted == 8 and tally.checked.get("long") == 8, tally
     assert result.retracted > 0, "no request was retracted: the soak no longer exercises retraction"
+    assert after["chunks"]["tokens"] <= RAG_STORE, after["chunks"]  # the store setting holds under load
+    assert stats["chunk_evicted_tokens"] > stats0["chunk_evicted_tokens"], stats
     server.flush()
     whole = server.cache()
     assert (whole["available"], whole["evictable"], whole["protected"]) == (server.pool, 0, 0), whole

@@ -92,9 +92,10 @@ def test_a_failed_chunk_copy_computes_those_positions_instead(caplog):
 
 
 def test_store_computed_keeps_what_the_store_admits_and_frees_what_it_drops():
-    """The checkpoint after a prefill piece offers the finished chunks to a full store: a chunk used
-    more often than the entry it displaces is stored (the dropped entry's slots go back to the
-    allocator, its tokens counted); a one-off chunk is not kept and stays the request's own."""
+    """The checkpoint after a prefill piece offers the finished chunks to a full store (6 tokens): a
+    chunk used more often than the entry it displaces is stored (the dropped entry's slots go back
+    to the allocator, its tokens counted); a one-off chunk that could only displace a popular entry
+    is not kept and stays the request's own."""
     from sglang_holes.chunks.hints import ChunkHints
     from sglang_holes.chunks.rope import RopeSpec
     from sglang_holes.chunks.state import ChunkState
@@ -104,8 +105,11 @@ def test_store_computed_keeps_what_the_store_admits_and_frees_what_it_drops():
     alloc = SimpleNamespace(device="cpu", free=lambda slots: freed.extend(slots.tolist()))
     reuse = ChunkReuse(alloc, RopeSpec.from_config({"rope_theta": 1e4, "hidden_size": 8, "num_attention_heads": 2}),
                        store_tokens=6)
-    old, _ = reuse.store.insert([90, 91, 92, 93], torch.arange(200, 204), 0)  # used once, long ago
+    reuse.store.insert([90, 91, 92, 93], torch.arange(200, 204), 0)  # used once, long ago
     reuse.store.record_use([90, 91, 92, 93])
+    hot, _ = reuse.store.insert([80, 81], torch.arange(300, 302), 0)  # popular: the store is full (6)
+    for _ in range(5):
+        reuse.store.record_use([80, 81])
     ids = [1, 2, 3, 4, 5, 6, 7, 8]
     for _ in range(3):
         reuse.store.record_use(ids[0:3])  # chunk [0, 3) is popular; [3, 6) is new
@@ -115,7 +119,7 @@ def test_store_computed_keeps_what_the_store_admits_and_frees_what_it_drops():
     stored = reuse.store_computed(req, torch.arange(10, 18), up_to=8)
     assert stored.spans == [(0, 3)] and stored.dropped_tokens == 4 and freed == [200, 201, 202, 203]
     assert reuse.store.get(ids[0:3]).slots.tolist() == [10, 11, 12] and reuse.store.get(ids[3:6]) is None
-    assert reuse.store.get([90, 91, 92, 93]) is None and old.lock_ref == 0
+    assert reuse.store.get([90, 91, 92, 93]) is None and reuse.store.get([80, 81]) is hot
     reuse.store.check_integrity()
     reuse.release(req)
     assert reuse.store.protected_size == 0
