@@ -226,7 +226,7 @@ class StormResult:
     jobs: dict[str, int]
 
 
-def storm(server, clients: int = 16, seed: int = 19, time_limit_s: float = TIME_LIMIT_S, progress=None
+def storm(server, clients: int = CLIENTS, seed: int = 19, time_limit_s: float = TIME_LIMIT_S, progress=None
           ) -> StormResult:
     """Run the workload against ``server`` (``tests.live_server.LiveServer``) from ``clients`` threads."""
     jobs, refs = _workload(random.Random(seed))

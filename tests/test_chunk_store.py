@@ -61,6 +61,19 @@ def test_bad_input():
     assert len(s) == 0
 
 
+def _shared_op(s: ChunkStore, op: str, tokens: list[int], n: int, free: list[int], locks: list) -> None:
+    """The operations both random-operation tests apply besides storing: lookup, lock, unlock, evict."""
+    if op == "lookup":
+        s.lookup(tokens)
+    elif op == "lock" and (e := s.lookup(tokens)) is not None:
+        s.lock(e)
+        locks.append(e)
+    elif op == "unlock" and locks:
+        s.unlock(locks.pop())
+    elif op == "evict":
+        free += s.evict(n).tolist()
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["insert", "lookup", "lock", "unlock", "evict"]),
                           st.integers(0, 7), st.integers(1, 6)), max_size=60))
@@ -76,15 +89,8 @@ def test_random_operations_conserve_slots(ops):
             slots = torch.tensor([free.pop() for _ in range(n)])
             _, rej = s.insert(tokens, slots, offset=doc)
             free += rej.tolist()
-        elif op == "lookup":
-            s.lookup(tokens)
-        elif op == "lock" and (e := s.lookup(tokens)) is not None:
-            s.lock(e)
-            locks.append(e)
-        elif op == "unlock" and locks:
-            s.unlock(locks.pop())
-        elif op == "evict":
-            free += s.evict(n).tolist()
+        else:
+            _shared_op(s, op, tokens, n, free, locks)
         s.check_integrity()
         assert len(free) + s.total_size == pool and len(set(free)) == len(free)
     for e in locks:
@@ -169,15 +175,8 @@ def test_admission_conserves_slots_and_capacity(ops, policy):
             if decision.admit:
                 free += s.drop(decision.victims).tolist()
                 s.insert(tokens, torch.tensor([free.pop() for _ in range(n)]), offset=doc)
-        elif op == "lookup":
-            s.lookup(tokens)
-        elif op == "lock" and (e := s.lookup(tokens)) is not None:
-            s.lock(e)
-            locks.append(e)
-        elif op == "unlock" and locks:
-            s.unlock(locks.pop())
-        elif op == "evict":
-            free += s.evict(n).tolist()
+        else:
+            _shared_op(s, op, tokens, n, free, locks)
         s.check_integrity()
         assert len(free) + s.total_size == pool and len(set(free)) == len(free)
 
