@@ -48,6 +48,7 @@ import string
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 from bench_startup import cpu_name  # benchmarks/ is on sys.path when run as a script
 from quality_oracle import Oracle
@@ -108,8 +109,25 @@ def token_f1(pred: str, golds: list[str]) -> float:
     return best
 
 
+SETTINGS = {
+    "chat": "chat template with a system prompt, then the passages (the chunks) separated by blank lines "
+            "(not chunks), then the question; the exact tree serves the shared head in place",
+    "docs_first": "no system prompt, no chat template, no BOS: the passages first (each a chunk ending in a "
+                  "blank line; the prompt starts with a moved document), then the question as the last chunk",
+}
+
+
+class Built(NamedTuple):
+    """One question's prompts in a setting: the request that stores the passages, and the evaluated one."""
+
+    stored_ids: list[int]
+    stored_chunks: list[tuple]
+    ids: list[int]
+    chunks: list[tuple]  # the passages' spans first (in ``order``), then any other chunk
+
+
 class Prompts:
-    """Token-level prompt assembly: chat head, passages (the chunks), question, chat tail."""
+    """Token-level prompt assembly of each setting (``SETTINGS``)."""
 
     def __init__(self, tokenizer, passage_tokens: int) -> None:
         self.tok = tokenizer
@@ -119,6 +137,7 @@ class Prompts:
                                              tokenize=False, add_generation_prompt=True)
         head, tail = text.split(marker)
         self.head, self.tail = self.enc(head), self.enc(tail)
+        self.sep = self.enc("\n\n")
         self.passage_tokens = passage_tokens
 
     def enc(self, text: str) -> list[int]:
@@ -127,13 +146,29 @@ class Prompts:
     def passages(self, item: dict) -> list[list[int]]:
         return [self.enc(c["text"])[: self.passage_tokens] for c in item["ctxs"]]
 
-    def build(self, passages: list[list[int]], order: list[int], question: str) -> tuple[list[int], list[tuple]]:
+    def build(self, setting: str, passages: list[list[int]], first: list[int], second: list[int],
+              question: str) -> Built:
+        if setting == "chat":
+            return Built(*self._chat(passages, first, question), *self._chat(passages, second, question))
+        stored, stored_chunks = self._docs(passages, first)
+        ids, chunks = self._docs(passages, second)
+        q = self.enc(f"Question: {question}\nAnswer:")
+        return Built(stored, stored_chunks, ids + q, [*chunks, (len(ids), len(ids) + len(q))])
+
+    def _chat(self, passages: list[list[int]], order: list[int], question: str) -> tuple[list[int], list[tuple]]:
         """Passages are the chunks; the separators between them are not (always recomputed)."""
-        ids, chunks, sep = list(self.head), [], self.enc("\n\n")
+        ids, chunks = list(self.head), []
         for i in order:
             chunks.append((len(ids), len(ids) + len(passages[i])))
-            ids += passages[i] + sep
-        ids += self.enc(f"Question: {question}") + self.tail
+            ids += passages[i] + self.sep
+        return ids + self.enc(f"Question: {question}") + self.tail, chunks
+
+    def _docs(self, passages: list[list[int]], order: list[int]) -> tuple[list[int], list[tuple]]:
+        ids, chunks = [], []
+        for i in order:
+            doc = passages[i] + self.sep
+            chunks.append((len(ids), len(ids) + len(doc)))
+            ids += doc
         return ids, chunks
 
 
@@ -171,7 +206,6 @@ def _teacher_forced(eng, ids: list[int], answer: list[int], token_ids: list[int]
 
 
 def evaluate(args, chunk_configs: list[tuple[str, dict]]) -> dict:
-    from sglang_holes.chunks.hints import chunk_envelope
     from sglang_holes.model import resolve_model_path
     from sglang_holes.patches.engine import shutdown_all
 
@@ -180,59 +214,90 @@ def evaluate(args, chunk_configs: list[tuple[str, dict]]) -> dict:
     oracle = Oracle(model_dir) if any(p == "oracle" for p, _ in chunk_configs) else None
     full, holes = _engines(model_dir)
     prompts = Prompts(holes.tokenizer_manager.tokenizer, args.passage_tokens)
-    rng = random.Random(args.seed)
     names = ["full", "exact"] + [label(p, k) for p, k in chunk_configs]
-    per: dict[str, dict[str, list]] = {n: {"ttft": [], "recompute": [], "top1": [], "kl": [], "mass": [],
-                                           "match32": [], "f1": [], "n": []} for n in names}
+    per = {setting: {n: {"ttft": [], "recompute": [], "top1": [], "kl": [], "mass": [], "match32": [], "f1": [],
+                         "n": []} for n in names} for setting in args.settings}
     try:
-        for item in tqdm(data, desc="questions", unit="q"):
-            passages = prompts.passages(item)
-            first = list(range(len(passages)))
-            rng.shuffle(first)
-            second = first[:]
-            while second == first:
-                rng.shuffle(second)
-            ids1, chunks1 = prompts.build(passages, first, item["question"])
-            ids, chunks = prompts.build(passages, second, item["question"])
-            holes.flush_cache()
-            holes.generate(input_ids=ids1, kv_hints=chunk_envelope(chunks1, "none"),
-                           sampling_params={"max_new_tokens": 1})  # stores the 10 passages
-            holes.generate(input_ids=ids1, sampling_params={"max_new_tokens": 1})  # the exact tree's copy
-
-            # Reference: full recompute.
-            ref = full.generate(input_ids=ids, sampling_params={"max_new_tokens": ANSWER_TOKENS, "temperature": 0.0})
-            answer = ref["output_ids"]
-            ref_rows = _teacher_forced(full, ids, answer, None)
-            vocab = sorted({t for _, d in ref_rows for t in d})
-            dt, meta = _ttft(full, input_ids=ids)
-            _record(per["full"], dt, meta, ref_rows, ref_rows, answer, ref, item)
-
-            dev = oracle.deviation(ids1, chunks1, first, ids, chunks, second) if oracle else None
-            configs = [("exact", None)] + [(label(p, k), _envelope(chunks, p, k, dev)) for p, k in chunk_configs]
-            for name, hints in configs:
-                kw = {"kv_hints": hints} if hints else {}
-                # (exact: after the timed request the tree holds this prompt; its quality is exact either way)
-                dt, meta = _ttft(holes, input_ids=ids, **kw)
-                gen = holes.generate(input_ids=ids, sampling_params={"max_new_tokens": ANSWER_TOKENS,
-                                                                     "temperature": 0.0}, **kw) \
-                    if args.greedy else None
-                rows = _teacher_forced(holes, ids, answer, vocab, **kw)
-                _record(per[name], dt, meta, ref_rows, rows, answer, gen, item)
+        for setting in args.settings:
+            rng = random.Random(args.seed)  # the same orders in every setting
+            for item in tqdm(data, desc=f"questions ({setting})", unit="q"):
+                _question(args, setting, item, rng, prompts, full, holes, oracle, chunk_configs, per[setting])
     finally:
         shutdown_all([full, holes])
     return {"per": per, "questions": len(data)}
 
 
-def _envelope(chunks: list[tuple], policy: str, params: dict, dev) -> dict:
+def _question(args, setting: str, item: dict, rng: random.Random, prompts: Prompts, full, holes, oracle,
+              chunk_configs: list[tuple[str, dict]], per: dict) -> None:
+    """One question of one setting: store the passages in one order, then every config in another."""
+    from sglang_holes.chunks.hints import chunk_envelope
+
+    passages = prompts.passages(item)
+    first = list(range(len(passages)))
+    rng.shuffle(first)
+    second = first[:]
+    while second == first:
+        rng.shuffle(second)
+    b = prompts.build(setting, passages, first, second, item["question"])
+    holes.flush_cache()
+    holes.generate(input_ids=b.stored_ids, kv_hints=chunk_envelope(b.stored_chunks, "none"),
+                   sampling_params={"max_new_tokens": 1})  # stores the 10 passages
+    holes.generate(input_ids=b.stored_ids, sampling_params={"max_new_tokens": 1})  # the exact tree's copy
+
+    # Reference: full recompute.
+    ids = b.ids
+    ref = full.generate(input_ids=ids, sampling_params={"max_new_tokens": args.answer_tokens, "temperature": 0.0})
+    answer = ref["output_ids"]
+    ref_rows = _teacher_forced(full, ids, answer, None)
+    vocab = sorted({t for _, d in ref_rows for t in d})
+    dt, meta = _ttft(full, input_ids=ids)
+    _record(per["full"], dt, meta, ref_rows, ref_rows, answer, ref, item, args.answer_tokens)
+
+    passage_chunks = b.chunks[: len(second)]
+    dev = oracle.deviation(b.stored_ids, b.stored_chunks, first, ids, passage_chunks, second) if oracle else None
+    where = _OracleInputs(b, first, second) if oracle else None
+    configs = [("exact", None)] + [(label(p, k), _envelope(b.chunks, p, k, dev, where)) for p, k in chunk_configs]
+    for name, hints in configs:
+        kw = {"kv_hints": hints} if hints else {}
+        # (exact: after the timed request the tree holds this prompt; its quality is exact either way)
+        dt, meta = _ttft(holes, input_ids=ids, **kw)
+        gen = holes.generate(input_ids=ids, sampling_params={"max_new_tokens": args.answer_tokens,
+                                                             "temperature": 0.0}, **kw) if args.greedy else None
+        rows = _teacher_forced(holes, ids, answer, vocab, **kw)
+        _record(per[name], dt, meta, ref_rows, rows, answer, gen, item, args.answer_tokens)
+
+
+class _OracleInputs(NamedTuple):
+    built: Built
+    first: list[int]
+    second: list[int]
+
+    def sink(self):
+        """The server's attention sink for this prompt (same setting, same rule: ``ChunkReuse._sink``)."""
+        from sglang_holes.chunks.hints import Sink
+        from sglang_holes.config import HolesConfig
+
+        tokens = HolesConfig.build().chunk_sink_tokens
+        b = self.built
+        exact = []
+        for i, (s, _) in enumerate(b.chunks):
+            stored = i < len(self.second) and b.stored_chunks[self.first.index(self.second[i])][0] == s
+            exact.append(stored and s < tokens and b.ids[:s] == b.stored_ids[:s])
+        return Sink(tokens, tuple(exact))
+
+
+def _envelope(chunks: list[tuple], policy: str, params: dict, dev, where: _OracleInputs | None) -> dict:
     from sglang_holes.chunks.hints import chunk_envelope
 
     if policy == "oracle":
-        return chunk_envelope(chunks, "explicit", recompute=Oracle.recompute_spans(dev, chunks, params["ratio"]))
+        reused = [i < len(where.second) for i in range(len(chunks))]
+        spans = Oracle.recompute_spans(dev, chunks, params["ratio"], reused, where.sink())
+        return chunk_envelope(chunks, "explicit", recompute=spans)
     return chunk_envelope(chunks, policy, **params)
 
 
 def _record(acc: dict, dt: float, meta: dict, ref_rows: list, rows: list, answer: list[int], gen: dict,
-            item: dict) -> None:
+            item: dict, answer_tokens: int) -> None:
     acc["ttft"].append(dt)
     acc["n"].append(meta["prompt_tokens"])
     acc["recompute"].append(meta.get("recomputed_tokens", meta["prompt_tokens"] - meta["cached_tokens"])
@@ -242,73 +307,80 @@ def _record(acc: dict, dt: float, meta: dict, ref_rows: list, rows: list, answer
         acc["mass"].append(sum(math.exp(v) for v in p.values()))
         acc["kl"].append(sum(math.exp(lp) * (lp - q.get(t, -30.0)) for t, lp in p.items()))
     if gen is not None:  # greedy generation (full always; chunk configs with --greedy)
-        acc["match32"].append(float(gen["output_ids"][:ANSWER_TOKENS] == answer[:ANSWER_TOKENS]))
+        acc["match32"].append(float(gen["output_ids"][:answer_tokens] == answer[:answer_tokens]))
         acc["f1"].append(token_f1(gen["text"], item["answers"]))
 
 
 def summarize(per: dict) -> list[dict]:
-    full_ttft = statistics.median(per["full"]["ttft"])
+    """One row per (setting, config)."""
     rows = []
-    for name, acc in per.items():
-        if not acc["ttft"]:
-            continue
-        rows.append({"config": name, "recompute": statistics.mean(acc["recompute"]),
-                     "top1": statistics.mean(acc["top1"]), "kl": statistics.mean(acc["kl"]),
-                     "mass": statistics.mean(acc["mass"]),
-                     "match32": statistics.mean(acc["match32"]) if acc["match32"] else None,
-                     "f1": statistics.mean(acc["f1"]) if acc["f1"] else None, "ttft_s": statistics.median(acc["ttft"]),
-                     "speedup": full_ttft / statistics.median(acc["ttft"]),
-                     "paired_speedup": statistics.median(f / t for f, t in zip(per["full"]["ttft"], acc["ttft"],
-                                                                               strict=True))})
+    for setting, configs in per.items():
+        full = configs["full"]["ttft"]
+        for name, acc in configs.items():
+            if not acc["ttft"]:
+                continue
+            rows.append({"setting": setting, "config": name, "recompute": statistics.mean(acc["recompute"]),
+                         "top1": statistics.mean(acc["top1"]), "kl": statistics.mean(acc["kl"]),
+                         "mass": statistics.mean(acc["mass"]),
+                         "match32": statistics.mean(acc["match32"]) if acc["match32"] else None,
+                         "f1": statistics.mean(acc["f1"]) if acc["f1"] else None,
+                         "ttft_s": statistics.median(acc["ttft"]),
+                         "speedup": statistics.median(full) / statistics.median(acc["ttft"]),
+                         "paired_speedup": statistics.median(f / t for f, t in zip(full, acc["ttft"], strict=True))})
     return rows
 
 
 def write_table(rows: list[dict], meta: dict, path: Path) -> None:
     lines = [f"Machine: {meta['machine']}. {meta['questions']} MuSiQue questions, 10 passages each truncated to "
              f"{meta['passage_tokens']} tokens (prompts {meta['prompt_tokens_min']}-{meta['prompt_tokens_max']} "
-             f"tokens), SmolLM2-135M-Instruct fp32, torch_native. Command: `{meta['command']}`.", "",
+             f"tokens), SmolLM2-135M-Instruct fp32, torch_native; teacher-forced over the first "
+             f"{meta['answer_tokens']} answer tokens; attention sink: {meta['sink_tokens']} positions. "
+             f"Command: `{meta['command']}`.", "",
              "`query` TTFT includes its probe; `oracle` TTFT excludes its selection (a diagnostic: it reads the "
              "full-recompute KV). `query` defaults to 8 probe layers; `k=4`: plus each reused chunk's first 4 tokens. "
-             "First-32 match and F1 (greedy answers) only where generated (`--greedy`).", "",
-             "| config | recomputed | top-1 | KL (top-20) | first-32 match | F1 | TTFT (median) | speedup vs full |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        match = "–" if r["match32"] is None else f"{100 * r['match32']:.0f}%"
-        f1 = "–" if r["f1"] is None else f"{r['f1']:.3f}"
-        lines.append(f"| {r['config']} | {100 * r['recompute']:.1f}% | {100 * r['top1']:.1f}% | {r['kl']:.3f} | "
-                     f"{match} | {f1} | {1000 * r['ttft_s']:.0f} ms | {r['speedup']:.2f}x |")
+             "First-N match and F1 (greedy answers) only where generated (`--greedy`). `vs none` compares with "
+             "`none` in the same setting (top-1 points; KL ratio: the target is <= 0.5)."]
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        part = [r for r in rows if r["setting"] == setting]
+        none = next((r for r in part if r["config"] == "none"), None)
+        lines += ["", f"### {setting}: {SETTINGS[setting]}", "",
+                  "| config | recomputed | top-1 | KL (top-20) | vs none: top-1, KL | first-N match | F1 | "
+                  "TTFT (median) | speedup vs full |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in part:
+            match = "–" if r["match32"] is None else f"{100 * r['match32']:.0f}%"
+            f1 = "–" if r["f1"] is None else f"{r['f1']:.3f}"
+            vs = "–" if none is None or r is none or not none["kl"] else \
+                f"{100 * (r['top1'] - none['top1']):+.1f}, {r['kl'] / none['kl']:.2f}x"
+            lines.append(f"| {r['config']} | {100 * r['recompute']:.1f}% | {100 * r['top1']:.1f}% | {r['kl']:.3f} | "
+                         f"{vs} | {match} | {f1} | {1000 * r['ttft_s']:.0f} ms | {r['speedup']:.2f}x |")
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
+GROUPS = {"deviation": "tab:orange", "query": "tab:blue", "oracle": "tab:purple"}
+POINTS = (("none", "s", "tab:red"), ("first_k k=16", "v", "tab:brown"), ("exact", "^", "tab:green"),
+          ("full", "D", "black"))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    groups = {"deviation": "tab:orange", "query": "tab:blue", "oracle": "tab:purple"}
+def _family(name: str) -> str | None:
+    head, _, rest = name.partition(" ")
+    if head not in GROUPS:
+        return None
+    return head + (" + first k" if "k=" in rest else "")
 
-    def family(name: str) -> str | None:
-        head, _, rest = name.partition(" ")
-        if head not in groups:
-            return None
-        return head + (" + first k" if "k=" in rest else "")
 
+def _plot_setting(axes, rows: list[dict], setting: str) -> None:
     series: dict[str, list] = {}
     for r in rows:
-        if (f := family(r["config"])) is not None:
+        if (f := _family(r["config"])) is not None:
             series.setdefault(f, []).append(r)
     for f, pts in series.items():
         pts.sort(key=lambda r: r["recompute"])
         xs = [100 * r["recompute"] for r in pts]
-        style = dict(color=groups[f.split(" ")[0]], ls="--" if "first k" in f else "-", marker="o", label=f)
-        axes[0].plot(xs, [100 * r["top1"] for r in pts], **style)
-        axes[1].plot(xs, [r["kl"] for r in pts], **style)
-        axes[2].plot(xs, [r["speedup"] for r in pts], **style)
-    others = (("none", "s", "tab:red"), ("first_k k=16", "v", "tab:brown"), ("exact", "^", "tab:green"),
-              ("full", "D", "black"))
-    for name, marker, color in others:
+        style = dict(color=GROUPS[f.split(" ")[0]], ls="--" if "first k" in f else "-", marker="o", label=f)
+        for ax, key in zip(axes, ("top1", "kl", "speedup"), strict=True):
+            ax.plot(xs, [(100 if key == "top1" else 1) * r[key] for r in pts], **style)
+    for name, marker, color in POINTS:
         r = next((r for r in rows if r["config"] == name), None)
         if r is not None:
             for ax, y in zip(axes, (100 * r["top1"], r["kl"], r["speedup"]), strict=True):
@@ -321,12 +393,24 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
         ax.axvline(15, ls=":", color="grey")
     axes[2].axhline(3, ls=":", color="grey")
     axes[0].set(xlabel="recomputed prompt tokens (%)", ylabel="top-1 agreement with full (%)",
-                title="Quality (target 95% at <= 15%)")
+                title=f"{setting}: quality (target 95% at <= 15%)")
     axes[1].set(xlabel="recomputed prompt tokens (%)", ylabel="KL(full || config), top-20",
-                title="KL (target: half of none's)")
+                title=f"{setting}: KL (target: half of none's)")
     axes[2].set(xlabel="recomputed prompt tokens (%)", ylabel="TTFT speedup vs full (x)",
-                title="Speed (oracle: selection cost excluded)")
+                title=f"{setting}: speed (oracle: selection excluded)")
     axes[0].legend(fontsize=7)
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    fig, axes = plt.subplots(len(settings), 3, figsize=(15, 4.4 * len(settings)), squeeze=False)
+    for row, setting in zip(axes, settings, strict=True):
+        _plot_setting(row, [r for r in rows if r["setting"] == setting], setting)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -336,25 +420,36 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
 def main() -> None:
     import sys
 
+    from sglang_holes.config import HolesConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--questions", type=int, default=50)
     ap.add_argument("--passage-tokens", type=int, default=150)
+    ap.add_argument("--answer-tokens", type=int, default=ANSWER_TOKENS,
+                    help="reference answer tokens (greedy from full) scored teacher-forced")
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help=f"prompt shapes, comma-separated: {', '.join(SETTINGS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--configs", default=None,
                     help="chunk configs instead of the default sweep, e.g. 'none,first_k:140,deviation:0.9'")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--name", default="quality", help="stem of the output files")
     ap.add_argument("--greedy", action="store_true",
-                    help="also generate 32 tokens greedily per config (first-32 match, F1): slower")
+                    help="also generate the answer greedily per config (first-N match, F1): slower")
     args = ap.parse_args()
+    args.settings = [x.strip() for x in args.settings.split(",")]
+    if unknown := set(args.settings) - set(SETTINGS):
+        raise SystemExit(f"unknown settings {sorted(unknown)}; expected some of {list(SETTINGS)}")
     if not DATA.exists():
         raise SystemExit(f"{DATA} not found (the MuSiQue sample lives in ../shared/data)")
     configs = [parse_config(c) for c in args.configs.split(",")] if args.configs else CHUNK_CONFIGS
     result = evaluate(args, configs)
     rows = summarize(result["per"])
+    sizes = [n for configs_ in result["per"].values() for n in configs_["full"]["n"]]
     meta = {"machine": cpu_name(), "questions": result["questions"], "passage_tokens": args.passage_tokens,
+            "answer_tokens": args.answer_tokens, "sink_tokens": HolesConfig.build().chunk_sink_tokens,
             "command": "python benchmarks/" + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv)),
-            "prompt_tokens_min": min(result["per"]["full"]["n"]), "prompt_tokens_max": max(result["per"]["full"]["n"])}
+            "prompt_tokens_min": min(sizes), "prompt_tokens_max": max(sizes)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "per": result["per"]},
                                                          indent=1))

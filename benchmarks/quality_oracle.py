@@ -44,13 +44,14 @@ class Oracle:
         return dev
 
     @staticmethod
-    def recompute_spans(dev, chunks: list[tuple], ratio: float) -> list[tuple]:
-        """The ``ratio`` fraction of reusable tokens with the largest ``dev``, as spans (the count the
-        scored policies take for the same hints)."""
+    def recompute_spans(dev, chunks: list[tuple], ratio: float, reused: list[bool], sink) -> list[tuple]:
+        """The ``ratio`` fraction of reusable tokens with the largest ``dev``, as spans: the count the
+        scored policies take for the same hints, ``reused`` chunks and attention ``sink`` (``Sink``)."""
         from sglang_holes.attention.plan import spans_from_positions
         from sglang_holes.chunks.hints import ChunkHints, unscored_mask
 
-        cand = (~unscored_mask(len(dev), ChunkHints(tuple(chunks), "none"), [True] * len(chunks))).nonzero().flatten()
+        keep = ~unscored_mask(len(dev), ChunkHints(tuple(chunks), "none"), reused, sink=sink)
+        cand = keep.nonzero().flatten()
         take = round(ratio * cand.numel())
         chosen = sorted(cand[dev[cand].topk(take).indices].tolist()) if take else []
         return spans_from_positions(chosen)

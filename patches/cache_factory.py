@@ -113,7 +113,7 @@ def _chunk_reuse(ctx: Any, hf: Any, reason: str | None, holes: HolesConfig) -> C
         return None
     return ChunkReuse(ctx.params.token_to_kv_pool_allocator, rope,
                       probe_loader=probe_loader_for(ctx.tp_worker, config), store_tokens=holes.chunk_store_tokens,
-                      store_policy=holes.chunk_store_policy)
+                      store_policy=holes.chunk_store_policy, sink_tokens=holes.chunk_sink_tokens)
 
 
 def quantized_kv(server_args: Any) -> str | None:

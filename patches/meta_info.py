@@ -9,7 +9,8 @@ first chunk), and the tokenizer manager writes them into ``meta_info``:
 * ``hole_spans`` (list of ``[start, end)`` pairs, prompt positions, ascending): the
   spans it computed. A request without holes has one span ``[cached_tokens, n)``;
 * ``chunk_reuse`` (chunk-mode requests only): ``{"policy", "k" | "ratio", "chunks",
-  "reused_chunks", "reused_tokens"}``.
+  "reused_chunks", "reused_tokens", "sink_recomputed"}`` (``sink_recomputed``: stored positions
+  recomputed because they lie in the attention sink, ``chunks.hints.Sink``).
 
 Together with SGLang's ``cached_tokens`` (every reused token, holes excluded):
 ``cached_tokens + recomputed_tokens == prompt_tokens``. Set only by servers running
@@ -70,7 +71,7 @@ def record_chunk_reuse(req: Any, state: Any) -> None:
         params["prefix_tokens"] = state.prefix_len
     info[CHUNKS] = [{"policy": hints.policy, **params, "chunks": len(hints.chunks),
                      "reused_chunks": sum(e is not None for e in state.hits),
-                     "reused_tokens": state.reused_tokens}]
+                     "reused_tokens": state.reused_tokens, "sink_recomputed": state.sink_recomputed}]
     req.customized_info = info
 
 

@@ -31,13 +31,14 @@ import torch
 
 from sglang_holes.cache.node import Segment
 from sglang_holes.chunks.deviation import deviation_scores
-from sglang_holes.chunks.hints import DEFAULT_QUERY_LAYERS, SCORED, ChunkHints, recompute_mask, unscored_mask
+from sglang_holes.chunks.hints import DEFAULT_QUERY_LAYERS, SCORED, ChunkHints, Sink, recompute_mask, unscored_mask
 from sglang_holes.chunks.kv_copy import copy_rerotated
 from sglang_holes.chunks.llama_stack import LlamaStack
 from sglang_holes.chunks.placement import ChunkFill, plan_chunk_fill
 from sglang_holes.chunks.rope import RopeSpec, rerotate
 from sglang_holes.chunks.state import ChunkState
 from sglang_holes.chunks.store import ChunkEntry, ChunkStore
+from sglang_holes.config import SINK_TOKENS
 from sglang_holes.hf_config import attention_dims
 from sglang_holes.patches.request_holes import HoleFill, holes_of
 
@@ -49,6 +50,14 @@ class Stored(NamedTuple):
 
     spans: list[tuple[int, int]]
     dropped_tokens: int
+
+
+class Planned(NamedTuple):
+    """``ChunkReuse._plan``'s result: the reuse (None: none), and the reused positions the attention
+    sink rule made it recompute."""
+
+    base: ChunkFill | None
+    sink_recomputed: int = 0
 
 
 class ChunkMatch:
@@ -69,7 +78,10 @@ class ChunkReuse:
 
     def __init__(self, allocator: Any, rope: RopeSpec,
                  probe_loader: Callable[[], LlamaStack] | None = None, store_tokens: int | None = None,
-                 store_policy: str = "frequency") -> None:
+                 store_policy: str = "frequency", sink_tokens: int = SINK_TOKENS) -> None:
+        if sink_tokens < 1:
+            raise ValueError(f"sink_tokens must be >= 1, got {sink_tokens}")
+        self.sink_tokens = sink_tokens
         self._store_settings = {"capacity": store_tokens, "policy": store_policy}
         self.store = ChunkStore(**self._store_settings)
         self.allocator = allocator
@@ -103,7 +115,8 @@ class ChunkReuse:
         hits = [self.store.get(ids[s:e], ns) if usable else None for s, e in hints.chunks]
         st = rec.chunk
         if st is None or st.locked or st.seeded or any(a is not b for a, b in zip(st.hits, hits, strict=True)):
-            st = ChunkState(hints, ns, hits, self._plan(req, hints, hits, n))
+            planned = self._plan(req, hints, hits, n)
+            st = ChunkState(hints, ns, hits, planned.base, sink_recomputed=planned.sink_recomputed)
             rec.chunk = st
         plan = st.base
         if prefix is not None and usable and prefix.end < n:
@@ -120,19 +133,31 @@ class ChunkReuse:
             return None
         return HoleFill(0, borrowed, plan.segments(), ChunkMatch(entries, prefix_node), chunk=plan)
 
-    def _plan(self, req: Any, hints: ChunkHints, hits: list[ChunkEntry | None], n: int) -> ChunkFill | None:
+    def _plan(self, req: Any, hints: ChunkHints, hits: list[ChunkEntry | None], n: int) -> Planned:
         reused = [e is not None for e in hits]
         if not any(reused):
-            return None
+            return Planned(None)
         forced = _input_logprob_start(req, n)
+        sink = self._sink(req.origin_input_ids, hints, hits)
         try:
-            scores = self._scores(req, hints, hits, unscored_mask(n, hints, reused, forced)) \
+            scores = self._scores(req, hints, hits, unscored_mask(n, hints, reused, forced, sink)) \
                 if hints.policy in SCORED else None
-            recompute = recompute_mask(n, hints, reused, scores, forced)
+            recompute = recompute_mask(n, hints, reused, scores, forced, sink)
         except Exception:  # validated at entry; never take the scheduler down over a score
             logger.exception("chunk reuse planning failed; request %s recomputes its chunks", req.rid)
-            return None
-        return None if bool(recompute.all()) else plan_chunk_fill(hints.chunks, hits, recompute)
+            return Planned(None)
+        if bool(recompute.all()):
+            return Planned(None)
+        without = unscored_mask(n, hints, reused, forced)
+        sink_recomputed = int((recompute[: sink.tokens] & ~without[: sink.tokens]).sum())
+        return Planned(plan_chunk_fill(hints.chunks, hits, recompute), sink_recomputed)
+
+    def _sink(self, ids: list[int], hints: ChunkHints, hits: list[ChunkEntry | None]) -> Sink:
+        """The sink rule of this prompt: a hit inside the sink is exact only where it was computed
+        at this offset after these same tokens."""
+        exact = tuple(e is not None and s < self.sink_tokens and e.exact_at(s, ids[:s])
+                      for (s, _), e in zip(hints.chunks, hits, strict=True))
+        return Sink(self.sink_tokens, exact)
 
     def _scores(self, req: Any, hints: ChunkHints, hits: list[ChunkEntry | None], computed: torch.Tensor
                 ) -> torch.Tensor:
@@ -282,7 +307,8 @@ class ChunkReuse:
                 if freed.numel():
                     self.allocator.free(freed.to(getattr(self.allocator, "device", "cpu") or "cpu"))
                     dropped += int(freed.numel())
-            entry, rejected = self.store.insert(tokens, row[s:e], s, st.namespace)
+            lead = ids[:s] if s < self.sink_tokens else None  # may serve a later prompt's sink in place
+            entry, rejected = self.store.insert(tokens, row[s:e], s, st.namespace, lead)
             if rejected.numel():
                 continue  # already stored meanwhile (another request): ours is freed with the row
             self.store.lock(entry)

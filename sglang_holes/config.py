@@ -22,6 +22,8 @@ variable                           default                meaning
                                                           only by the KV pool, which evicts it under pressure)
 ``SGLANG_HOLES_CHUNK_STORE_POLICY`` ``frequency``         what the chunk store keeps: ``frequency`` (use counts
                                                           with aging, TinyLFU admission) or ``lru``
+``SGLANG_HOLES_CHUNK_SINK_TOKENS`` ``SINK_TOKENS``          a prompt's first positions never served from chunk
+                                                          KV computed elsewhere (the attention sink; >= 1)
 ``SGLANG_HOLES_CHECK_INTEGRITY``   ``0``                  ``1``: audit the KV pool's ownership at every
                                                           scheduler step and stop loudly on a broken pool
                                                           (tests and soaks; O(pool) per step)
@@ -52,6 +54,10 @@ ENV_CHECK_INTEGRITY = "SGLANG_HOLES_CHECK_INTEGRITY"
 ENV_CHUNK_STORE_TOKENS = "SGLANG_HOLES_CHUNK_STORE_TOKENS"
 ENV_CHUNK_STORE_POLICY = "SGLANG_HOLES_CHUNK_STORE_POLICY"
 CHUNK_STORE_POLICIES = ("frequency", "lru")
+ENV_CHUNK_SINK_TOKENS = "SGLANG_HOLES_CHUNK_SINK_TOKENS"
+# Measured on MuSiQue with documents-first prompts (benchmarks/results/sink.md): 1 already removes the
+# damage of a moved first token; a few more buy a little more at negligible cost.
+SINK_TOKENS = 4
 
 ATTENTION_PATHS = ("auto", "custom_mask", "spans")
 MODES = ("holes", "prefix-only")
@@ -73,6 +79,8 @@ class HolesConfig:
         (``patches/pool_audit.py``); off by default.
     chunk_store_tokens: the chunk store's capacity in tokens (None: bounded by the KV pool only).
     chunk_store_policy: what the chunk store keeps (``sglang_holes.chunks.store``).
+    chunk_sink_tokens: a prompt's first positions that chunk reuse never serves from KV computed at
+        another position or after other tokens (the attention sink, ``chunks.hints.Sink``); >= 1.
     """
 
     eviction_policy: str = "cost-aware"
@@ -82,6 +90,7 @@ class HolesConfig:
     check_integrity: bool = False
     chunk_store_tokens: int | None = None
     chunk_store_policy: str = "frequency"
+    chunk_sink_tokens: int = SINK_TOKENS
 
     def __post_init__(self) -> None:
         _check(FLAG_EVICTION_POLICY, self.eviction_policy, tuple(EVICTION_POLICIES),
@@ -99,6 +108,10 @@ class HolesConfig:
         tokens = self.chunk_store_tokens
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
             raise ValueError(f"{ENV_CHUNK_STORE_TOKENS}={tokens!r} must be a positive number of tokens")
+        sink = self.chunk_sink_tokens
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 1:
+            raise ValueError(f"{ENV_CHUNK_SINK_TOKENS}={sink!r} must be a number of tokens >= 1 (position 0 is "
+                             "always the attention sink)")
         if not isinstance(self.check_integrity, bool):
             raise ValueError(f"check_integrity must be a bool, got {self.check_integrity!r}")
 
@@ -121,12 +134,14 @@ class HolesConfig:
                    mode=env.get(ENV_MODE, cls.mode), eviction_params=tuple(sorted(params.items())),
                    check_integrity=_flag(ENV_CHECK_INTEGRITY, env.get(ENV_CHECK_INTEGRITY, "0")),
                    chunk_store_tokens=_tokens(ENV_CHUNK_STORE_TOKENS, env.get(ENV_CHUNK_STORE_TOKENS)),
-                   chunk_store_policy=env.get(ENV_CHUNK_STORE_POLICY, cls.chunk_store_policy))
+                   chunk_store_policy=env.get(ENV_CHUNK_STORE_POLICY, cls.chunk_store_policy),
+                   chunk_sink_tokens=_tokens(ENV_CHUNK_SINK_TOKENS, env.get(ENV_CHUNK_SINK_TOKENS),
+                                             cls.chunk_sink_tokens))
 
 
-def _tokens(variable: str, value: str | None) -> int | None:
+def _tokens(variable: str, value: str | None, default: int | None = None) -> int | None:
     if value in (None, ""):
-        return None
+        return default
     try:
         return int(value)
     except ValueError:

@@ -12,6 +12,8 @@ import random
 import pytest
 import torch
 
+from sglang_holes.config import SINK_TOKENS
+
 pytestmark = pytest.mark.engine
 
 SAMPLING = {"max_new_tokens": 4, "temperature": 0.0}
@@ -85,7 +87,8 @@ def test_same_offset_after_same_prefix_equals_exact(chunk_engine, engine, tokeni
     assert first["meta_info"]["chunk_reuse"]["reused_chunks"] == 0
     got = _gen(chunk_engine, prompt_chunks=[d1, d2, q2], chunk_policy="none")
     reuse = got["meta_info"]["chunk_reuse"]
-    assert reuse == {"policy": "none", "chunks": 3, "reused_chunks": 2, "reused_tokens": len(d1) + len(d2)}
+    assert reuse == {"policy": "none", "chunks": 3, "reused_chunks": 2, "reused_tokens": len(d1) + len(d2),
+                     "sink_recomputed": 0}  # d1 was stored at offset 0 after nothing: exact at the sink
     assert got["meta_info"]["cached_tokens"] == len(d1) + len(d2)
     assert got["meta_info"]["recomputed_tokens"] == len(q2)
     engine.flush_cache()
@@ -112,7 +115,7 @@ def test_query_with_ratio_one_equals_full_recompute(chunk_engine, engine, tokeni
     got = _gen(chunk_engine, prompt_chunks=[d2, d1, d3, q], chunk_policy="query", chunk_ratio=1.0)
     reuse = got["meta_info"]["chunk_reuse"]
     assert reuse == {"policy": "query", "ratio": 1.0, "layers": 8, "chunks": 4, "reused_chunks": 4,
-                     "reused_tokens": 0}, reuse
+                     "reused_tokens": 0, "sink_recomputed": 0}, reuse  # all recomputed: the rule changed nothing
     engine.flush_cache()
     _same(got, _gen(engine, input_ids=d2 + d1 + d3 + q))
 
@@ -165,8 +168,10 @@ def test_explicit_recompute_spans(chunk_engine, tokenizer):
     (s, e) = chunks[1]
     hints = chunk_envelope(chunks, "explicit", recompute=[(s, s + 3), (e - 2, e)])
     meta = chunk_engine.generate(input_ids=ids, kv_hints=hints, sampling_params=SAMPLING)["meta_info"]
-    assert meta["chunk_reuse"]["reused_tokens"] == len(ids) - 5 - 1  # the spans and the last token
+    # the spans, the last token and the attention sink (d2 moved to position 0)
+    assert meta["chunk_reuse"]["reused_tokens"] == len(ids) - 5 - 1 - SINK_TOKENS
     assert [s, s + 3] in meta["hole_spans"] and [e - 2, e] in meta["hole_spans"]
+    assert meta["hole_spans"][0] == [0, SINK_TOKENS] and meta["chunk_reuse"]["sink_recomputed"] == SINK_TOKENS
 
 
 @pytest.mark.parametrize("policy, params", [("none", {}), ("first_k", {"chunk_k": 8}),
@@ -180,13 +185,14 @@ def test_moved_chunks_are_reused_under_each_policy(chunk_engine, tokenizer, poli
                                 **params)
     meta = got["meta_info"]
     n = len(d1) + len(d2) + len(d3) + len(q)  # every token is in a stored chunk (q too: same offset)
-    take = round(0.25 * n)
-    allowed = {"none": {n - 1},  # the last token is always recomputed (its logits start generation)
-               "first_k": {n - 4 * 8 - 1},
-               "deviation": {n - take, n - take - 1},  # -1 unless the top scores took the last token
-               "query": {n - take, n - take - 1}}[policy]
+    # Always recomputed: the last token (its logits start generation) and the attention sink (d2
+    # moved to position 0; first_k's 8 first tokens of each chunk cover it); the ratio takes from the rest.
+    candidates = n - 1 - SINK_TOKENS
+    expect = {"none": candidates, "first_k": n - 4 * 8 - 1, "deviation": candidates - round(0.25 * candidates),
+              "query": candidates - round(0.25 * candidates)}[policy]
     assert meta["chunk_reuse"]["reused_chunks"] == 4
-    assert meta["chunk_reuse"]["reused_tokens"] in allowed, (meta["chunk_reuse"], allowed)
+    assert meta["chunk_reuse"]["reused_tokens"] == expect, (meta["chunk_reuse"], expect)
+    assert meta["hole_spans"][0][0] == 0 and meta["hole_spans"][0][1] >= SINK_TOKENS
     assert meta["cached_tokens"] == meta["chunk_reuse"]["reused_tokens"]
     assert meta["cached_tokens"] + meta["recomputed_tokens"] == meta["prompt_tokens"] == n
 
@@ -280,8 +286,8 @@ def test_input_logprobs_of_the_tail_under_chunk_reuse(chunk_engine, engine, toke
     assert max(abs(a - b) for a, b in zip(got_lp[1:], ref_lp[1:], strict=True)) <= LOGPROB_TOL
     reused = chunk_engine.generate(kv_hints=chunk_engine.chunked_prompt([d2, d1], "none").kv_hints, **kw)
     meta = reused["meta_info"]
-    assert meta["chunk_reuse"]["reused_tokens"] == len(d1) + len(d2)
-    assert meta["hole_spans"] == [[len(d1) + len(d2), len(ids)]]
+    assert meta["chunk_reuse"]["reused_tokens"] == len(d1) + len(d2) - SINK_TOKENS  # d2 moved to the sink
+    assert meta["hole_spans"] == [[0, SINK_TOKENS], [len(d1) + len(d2), len(ids)]]
     assert len(meta["input_token_logprobs"]) == len(answer) + 1
     assert [x[1] for x in meta["input_token_logprobs"]] == [x[1] for x in ref["meta_info"]["input_token_logprobs"]]
 

@@ -49,6 +49,19 @@ def test_locked_entries_survive_eviction_lru_order():
         s.lock(b)
 
 
+def test_an_entry_is_exact_only_at_its_offset_after_its_lead():
+    store = ChunkStore()
+    at_zero, _ = store.insert([5, 6, 7], torch.tensor([0, 1, 2]), 0, "ns", lead=[])
+    after, _ = store.insert([8, 9], torch.tensor([3, 4]), 2, "ns", lead=[1, 2])
+    unknown, _ = store.insert([3, 3], torch.tensor([5, 6]), 1, "ns")
+    assert at_zero.exact_at(0, []) and not at_zero.exact_at(4, [1, 2, 3, 4])
+    assert after.exact_at(2, [1, 2]) and not after.exact_at(2, [1, 3]) and not after.exact_at(3, [1, 2, 3])
+    assert not unknown.exact_at(1, [0])  # no lead recorded: never exact
+    with pytest.raises(ValueError, match="lead of 1 tokens for a chunk at offset 2"):
+        store.insert([4, 4], torch.tensor([7, 8]), 2, "ns", lead=[1])
+    store.check_integrity()
+
+
 def test_bad_input():
     s = ChunkStore()
     with pytest.raises(ValueError, match="empty chunk"):

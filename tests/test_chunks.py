@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_holes.chunks.hints import ChunkHints, chunk_boundaries, parse_chunk_action, recompute_mask, reused_count
+from sglang_holes.chunks.hints import (
+    ChunkHints,
+    Sink,
+    chunk_boundaries,
+    parse_chunk_action,
+    recompute_mask,
+    reused_count,
+)
 
 
 def test_parse_valid_payload():
@@ -56,6 +63,31 @@ def test_policies():
         recompute_mask(n, ChunkHints(chunks, "deviation"), [True, True])
     last = recompute_mask(10, ChunkHints(((0, 10),), "none"), [True])
     assert last.nonzero().flatten().tolist() == [9]  # the last token always runs
+
+
+def test_the_attention_sink_is_recomputed_under_every_policy():
+    """Positions [0, sink) inside a reused chunk are recomputed unless that chunk is exact in place;
+    scored policies draw their ratio from what is left (the count is known before any score)."""
+    n, chunks = 30, ((0, 10), (10, 22))
+    moved = Sink(4, (False, False))
+    for hints in (ChunkHints(chunks, "none"), ChunkHints(chunks, "first_k", k=2),
+                  ChunkHints(chunks, "explicit", recompute=((12, 13),))):
+        plain = recompute_mask(n, hints, [True, True])
+        sunk = recompute_mask(n, hints, [True, True], sink=moved)
+        assert sunk[:4].all() and (sunk[4:] == plain[4:]).all(), hints.policy
+    exact = recompute_mask(n, ChunkHints(chunks, "none"), [True, True], sink=Sink(4, (True, False)))
+    assert not exact[:4].any()  # stored at offset 0 after nothing: its KV is the sink's own
+    late = recompute_mask(n, ChunkHints(((2, 10), (10, 22)), "none"), [True, True], sink=moved)
+    assert late.nonzero().flatten().tolist()[:4] == [0, 1, 2, 3]  # [0, 2) outside chunks, [2, 4) the sink
+    big = recompute_mask(n, ChunkHints(chunks, "none"), [True, True], sink=Sink(12, (False, False)))
+    assert big[:12].all() and not big[12:22].any()  # a sink longer than the first chunk reaches the next
+    hints = ChunkHints(chunks, "query", ratio=0.5)
+    assert reused_count(n, hints, [True, True], sink=moved) == round(0.5 * 18)  # 22 reusable - 4 in the sink
+    scores = torch.arange(n, dtype=torch.float32).flip(0)  # the sink positions score highest
+    q = recompute_mask(n, hints, [True, True], scores, sink=moved)
+    assert int((~q).sum()) == 9 and q[:4].all()
+    with pytest.raises(ValueError, match=r"sink\.exact has 1 entries for 2 chunks"):
+        recompute_mask(n, ChunkHints(chunks, "none"), [True, True], sink=Sink(4, (True,)))
 
 
 def test_chunk_envelope_and_chunked_prompt():

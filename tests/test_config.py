@@ -63,3 +63,14 @@ def test_chunk_store_settings():
                          ({"SGLANG_HOLES_CHUNK_STORE_POLICY": "lfu"}, "SGLANG_HOLES_CHUNK_STORE_POLICY='lfu'")):
         with pytest.raises(ValueError, match=message):
             HolesConfig.build(None, env)
+
+
+def test_the_attention_sink_setting():
+    from sglang_holes.config import SINK_TOKENS, HolesConfig
+
+    assert HolesConfig.build(None, {}).chunk_sink_tokens == SINK_TOKENS >= 1
+    assert HolesConfig.build(None, {"SGLANG_HOLES_CHUNK_SINK_TOKENS": "16"}).chunk_sink_tokens == 16
+    for value in ("0", "-1", "few"):  # position 0 is always the sink: no setting turns the rule off
+        with pytest.raises(ValueError, match="SGLANG_HOLES_CHUNK_SINK_TOKENS"):
+            HolesConfig.build(None, {"SGLANG_HOLES_CHUNK_SINK_TOKENS": value})
+

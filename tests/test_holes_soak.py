@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from sglang_holes.config import SINK_TOKENS
+
 pytestmark = pytest.mark.engine
 
 SAMPLING = {"max_new_tokens": 3, "temperature": 0.0}
@@ -345,11 +347,11 @@ def test_an_extend_of_copies_only_computes_its_last_position(chunked, tiny_engin
     moved, moved_hints = _separated(docs[::-1], q, 7, "none")
     meta = chunked.generate(input_ids=moved, kv_hints=moved_hints, sampling_params=SAMPLING)["meta_info"]
     n, size = len(moved), chunked.get_server_info()["chunked_prefill_size"]
-    computed = [s for s, _ in meta["hole_spans"]]
-    assert all(e == s + 1 for s, e in meta["hole_spans"])
+    computed = [p for s, e in meta["hole_spans"] for p in range(s, e)]
     # SGLang chunks the order (copied and computed positions; q sits where it was stored: read in
-    # place) into pieces of `size`; a piece without a separator or the last token computes its last.
-    order, natural = [*range(602), n - 1], {300, 601, n - 1}
+    # place) into pieces of `size`; a piece without the attention sink, a separator or the last
+    # token computes its last.
+    order, natural = [*range(602), n - 1], {*range(SINK_TOKENS), 300, 601, n - 1}
     pieces = [order[a : a + size] for a in range(0, len(order), size)]
     assert computed == sorted(natural | {p[-1] for p in pieces if not natural & set(p)})
     assert meta["cached_tokens"] + meta["recomputed_tokens"] == meta["prompt_tokens"] == n

@@ -127,16 +127,34 @@ def chunk_boundaries(lengths: Sequence[int]) -> list[Span]:
     return out
 
 
-def unscored_mask(n: int, hints: ChunkHints, reused: Sequence[bool], forced_from: int | None = None) -> torch.Tensor:
+class Sink(NamedTuple):
+    """The attention sink rule of one prompt: positions ``[0, tokens)`` are never served from KV
+    computed elsewhere. ``exact[i]``: chunk ``i``'s stored KV is exact where it lies (stored at this
+    offset after the same preceding tokens), so its positions inside the sink may still be reused."""
+
+    tokens: int = 0
+    exact: tuple[bool, ...] = ()
+
+
+NO_SINK = Sink()  # immutable: only the bare mask arithmetic (tests, oracles) goes without the rule
+
+
+def unscored_mask(n: int, hints: ChunkHints, reused: Sequence[bool], forced_from: int | None = None,
+                  sink: Sink = NO_SINK) -> torch.Tensor:
     """Boolean ``[n]``: what every policy recomputes before any score (see ``recompute_mask``)."""
     hints.check_length(n)
     if len(reused) != len(hints.chunks):
         raise ValueError(f"reused has {len(reused)} entries for {len(hints.chunks)} chunks")
+    exact = sink.exact or (False,) * len(hints.chunks)
+    if len(exact) != len(hints.chunks):
+        raise ValueError(f"sink.exact has {len(exact)} entries for {len(hints.chunks)} chunks")
     mask = torch.ones(n, dtype=torch.bool)
-    for (s, e), ok in zip(hints.chunks, reused, strict=True):
+    for (s, e), ok, in_place in zip(hints.chunks, reused, exact, strict=True):
         if ok:
             mask[s:e] = False
             mask[s : min(e, s + hints.k)] = True
+            if not in_place:
+                mask[s : min(e, sink.tokens)] = True
     for s, e in hints.recompute:
         mask[s:e] = True
     mask[min(n - 1, n - 1 if forced_from is None else max(forced_from, 0)) :] = True
@@ -144,18 +162,20 @@ def unscored_mask(n: int, hints: ChunkHints, reused: Sequence[bool], forced_from
 
 
 def recompute_mask(n: int, hints: ChunkHints, reused: Sequence[bool],
-                   scores: torch.Tensor | None = None, forced_from: int | None = None) -> torch.Tensor:
+                   scores: torch.Tensor | None = None, forced_from: int | None = None,
+                   sink: Sink = NO_SINK) -> torch.Tensor:
     """Boolean ``[n]``: True where the token is recomputed (a hole), False where chunk KV is reused.
 
     ``reused[i]``: chunk ``i``'s KV is available (from the store). Always recomputed: tokens
     outside reused chunks, each reused chunk's first ``k`` tokens, the ``explicit`` spans, the
-    last token (its logits start generation) and ``[forced_from, n)`` (positions whose input
-    logprobs were asked for). A scored policy (``SCORED``) needs ``scores`` (``[n]``, higher =
-    recompute first) and recomputes ``round(ratio * candidates)`` of the reused tokens left after
-    that: the count depends on the hints and ``reused`` only, so it is known before any score
-    (``reused_count``).
+    last token (its logits start generation), ``[forced_from, n)`` (positions whose input
+    logprobs were asked for) and the attention sink (``sink``: the first ``sink.tokens``
+    positions unless their chunk is exact in place). A scored policy (``SCORED``) needs ``scores``
+    (``[n]``, higher = recompute first) and recomputes ``round(ratio * candidates)`` of the reused
+    tokens left after that: the count depends on the hints, ``reused`` and ``sink`` only, so it is
+    known before any score (``reused_count``).
     """
-    mask = unscored_mask(n, hints, reused, forced_from)
+    mask = unscored_mask(n, hints, reused, forced_from, sink)
     if hints.policy in SCORED:
         if scores is None or scores.shape != (n,):
             raise ValueError(f"the {hints.policy} policy needs one score per prompt token")
@@ -167,10 +187,11 @@ def recompute_mask(n: int, hints: ChunkHints, reused: Sequence[bool],
     return mask
 
 
-def reused_count(n: int, hints: ChunkHints, reused: Sequence[bool], forced_from: int | None = None) -> int:
+def reused_count(n: int, hints: ChunkHints, reused: Sequence[bool], forced_from: int | None = None,
+                 sink: Sink = NO_SINK) -> int:
     """How many tokens ``recompute_mask`` leaves reused, before any score."""
     zeros = torch.zeros(n) if hints.policy in SCORED else None
-    return int((~recompute_mask(n, hints, reused, zeros, forced_from)).sum())
+    return int((~recompute_mask(n, hints, reused, zeros, forced_from, sink)).sum())
 
 
 def chunk_envelope(chunks: Sequence[Span], policy: str = "first_k", message_id: str = "",

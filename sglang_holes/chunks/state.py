@@ -21,7 +21,8 @@ class ChunkState:
     node holding the prefix this request computed and inserted (until release); locked: entries this request
     computed and handed to the store, locked until release; handled: chunks reused or already
     handed to the store; reused_tokens: prompt tokens taken from the store (after the policy's
-    recompute and any copy an extend had to compute instead)."""
+    recompute and any copy an extend had to compute instead); sink_recomputed: stored positions the
+    attention sink rule recomputed (``chunks.hints.Sink``)."""
 
     hints: ChunkHints
     namespace: Hashable
@@ -34,3 +35,4 @@ class ChunkState:
     locked: list[ChunkEntry] = field(default_factory=list)
     handled: set[int] = field(default_factory=set)
     reused_tokens: int = 0
+    sink_recomputed: int = 0

@@ -34,7 +34,11 @@ import torch
 
 @dataclass(eq=False)
 class ChunkEntry:
-    """One cached chunk: ``slots[i]`` holds the KV of ``tokens[i]`` computed at position ``offset + i``."""
+    """One cached chunk: ``slots[i]`` holds the KV of ``tokens[i]`` computed at position ``offset + i``.
+
+    ``lead``: the tokens that preceded it when computed, recorded only for a chunk computed near
+    the start of a prompt (None otherwise): with them the entry is exact in place, which is what
+    lets it serve a prompt's attention-sink positions (``chunks.hints.Sink``)."""
 
     namespace: Hashable
     tokens: tuple[int, ...]
@@ -43,6 +47,11 @@ class ChunkEntry:
     last_access: int
     lock_ref: int = 0
     hits: int = 0
+    lead: tuple[int, ...] | None = None
+
+    def exact_at(self, offset: int, lead: Sequence[int]) -> bool:
+        """Whether this KV is what a prompt with ``lead`` before the chunk at ``offset`` would compute."""
+        return self.lead is not None and offset == self.offset and self.lead == tuple(lead)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -167,8 +176,8 @@ class ChunkStore:
         return self._entries.get((namespace, tuple(int(t) for t in tokens)))
 
     def insert(self, tokens: Sequence[int], slots: torch.Tensor, offset: int,
-               namespace: Hashable = None) -> tuple[ChunkEntry, torch.Tensor]:
-        """Store a chunk's KV; returns ``(entry, rejected)``.
+               namespace: Hashable = None, lead: Sequence[int] | None = None) -> tuple[ChunkEntry, torch.Tensor]:
+        """Store a chunk's KV (``lead``: see ``ChunkEntry``); returns ``(entry, rejected)``.
 
         ``rejected`` are slots the caller still owns and must free: all of ``slots`` when
         the chunk is already stored (the existing entry is kept), else empty.
@@ -189,7 +198,10 @@ class ChunkStore:
         if self.capacity is not None and self.total_size + len(toks) > self.capacity:
             raise ValueError(f"a chunk of {len(toks)} tokens does not fit the store's capacity ({self.capacity}, "
                              f"{self.total_size} held): ask admission() and drop its victims first")
-        entry = ChunkEntry(namespace, toks, slots.clone(), int(offset), self._tick())
+        if lead is not None and len(lead) != offset:
+            raise ValueError(f"lead of {len(lead)} tokens for a chunk at offset {offset}")
+        entry = ChunkEntry(namespace, toks, slots.clone(), int(offset), self._tick(),
+                           lead=None if lead is None else tuple(int(t) for t in lead))
         self._entries[key] = entry
         self.evictable_size += len(entry)
         return entry, slots[:0]
