@@ -1,20 +1,29 @@
 """RAG chunk reuse: answer quality vs recomputed tokens, and TTFT, on MuSiQue (real engine, CPU).
 
     .venv/bin/python benchmarks/bench_quality.py [--questions 50] [--passage-tokens 150] [--configs none,query:0.15,...]
+        [--settings chat,docs_first] [--answer-tokens 32]
 
-Workload: ../shared/data/musique_s.json, 10 passages per question, chat-formatted for
-the embedded SmolLM2-135M-Instruct. Passages are truncated to ``--passage-tokens``
-tokens for CPU time only (the model's 8k context would hold them whole). For each
-question the passages are first sent in one shuffled order (a chunk request that stores
-every passage, and the same prompt without hints for the exact tree), then evaluated in
-ANOTHER order, so reuse is non-prefix. Passages are the chunks; the instruction, the
-``\n\n`` separators and the question never are (always recomputed).
+Workload: ../shared/data/musique_s.json, 10 passages per question, for the embedded
+SmolLM2-135M-Instruct. Passages are truncated to ``--passage-tokens`` tokens for CPU time
+only (the model's 8k context would hold them whole). For each question the passages are
+first sent in one shuffled order (a chunk request that stores every passage, and the same
+prompt without hints for the exact tree), then evaluated in ANOTHER order, so reuse is
+non-prefix. Two prompt shapes (``SETTINGS``), each its own table and plot row:
+
+* ``chat``: the chat template with a system prompt, the passages (the chunks) separated by
+  blank lines that are not chunks, then the question: the exact tree serves the shared head,
+  so the attention sink is exact;
+* ``docs_first``: no system prompt, no template, no BOS (SmolLM2 adds none): the passages
+  first, each a chunk ending in its blank line, then the question as the last chunk (new for
+  every request). The prompt starts with a moved document: the attention sink rule
+  (``SGLANG_HOLES_CHUNK_SINK_TOKENS``) is what keeps it exact.
 
 Configs, side by side in one run, one request at a time:
 
 * ``full``: stock SGLang with no prefix cache (every token computed): the reference;
 * ``exact``: the ``holes`` radix cache without chunk hints (exact reuse; here only the
-  shared instruction prefix, since the order changed);
+  shared instruction prefix in ``chat``, and in ``docs_first`` nothing unless the first
+  passage stayed first, since the order changed);
 * ``none`` / ``first_k`` / ``deviation`` / ``query`` (and ``query`` + each chunk's first
   tokens) at recompute ratios 5-30%: chunk mode;
 * ``oracle`` (diagnostic, at the same ratios): knows the full-recompute KV and recomputes the
@@ -25,11 +34,11 @@ Configs, side by side in one run, one request at a time:
 Metrics (per config, over all questions):
 
 * recompute: ``recomputed_tokens / prompt_tokens`` from ``meta_info``;
-* teacher-forced over the reference answer (``full``'s greedy 32 tokens, fed as input;
+* teacher-forced over the reference answer (``full``'s greedy ``--answer-tokens``, fed as input;
   logits of those positions via input logprobs): top-1 agreement (the config's argmax is
   ``full``'s token) and KL(full ‖ config) restricted to ``full``'s top-20 tokens at each
   position (that mass per config is in quality.json, key `mass`);
-* greedy: first-32-token exact match with ``full``; token F1 of the answer against the
+* greedy (``--greedy``): first-N-token exact match with ``full``; token F1 of the answer against the
   gold answers (SQuAD normalisation);
 * TTFT: wall time of ``generate(max_new_tokens=1)``; speedup = full's median / config's median.
 
@@ -221,17 +230,17 @@ def evaluate(args, chunk_configs: list[tuple[str, dict]]) -> dict:
         for setting in args.settings:
             rng = random.Random(args.seed)  # the same orders in every setting
             for item in tqdm(data, desc=f"questions ({setting})", unit="q"):
-                _question(args, setting, item, rng, prompts, full, holes, oracle, chunk_configs, per[setting])
+                _question(args, setting, item, rng, prompts, full, [holes], oracle, chunk_configs, [per[setting]])
     finally:
         shutdown_all([full, holes])
     return {"per": per, "questions": len(data)}
 
 
-def _question(args, setting: str, item: dict, rng: random.Random, prompts: Prompts, full, holes, oracle,
-              chunk_configs: list[tuple[str, dict]], per: dict) -> None:
-    """One question of one setting: store the passages in one order, then every config in another."""
-    from sglang_holes.chunks.hints import chunk_envelope
-
+def _question(args, setting: str, item: dict, rng: random.Random, prompts: Prompts, full, holes: list, oracle,
+              chunk_configs: list[tuple[str, dict]], pers: list[dict]) -> None:
+    """One question of one setting: the full-recompute reference once, then on each engine of
+    ``holes`` (results into the same index of ``pers``): store the passages in one order, then
+    every config in another."""
     passages = prompts.passages(item)
     first = list(range(len(passages)))
     rng.shuffle(first)
@@ -239,10 +248,6 @@ def _question(args, setting: str, item: dict, rng: random.Random, prompts: Promp
     while second == first:
         rng.shuffle(second)
     b = prompts.build(setting, passages, first, second, item["question"])
-    holes.flush_cache()
-    holes.generate(input_ids=b.stored_ids, kv_hints=chunk_envelope(b.stored_chunks, "none"),
-                   sampling_params={"max_new_tokens": 1})  # stores the 10 passages
-    holes.generate(input_ids=b.stored_ids, sampling_params={"max_new_tokens": 1})  # the exact tree's copy
 
     # Reference: full recompute.
     ids = b.ids
@@ -251,20 +256,33 @@ def _question(args, setting: str, item: dict, rng: random.Random, prompts: Promp
     ref_rows = _teacher_forced(full, ids, answer, None)
     vocab = sorted({t for _, d in ref_rows for t in d})
     dt, meta = _ttft(full, input_ids=ids)
-    _record(per["full"], dt, meta, ref_rows, ref_rows, answer, ref, item, args.answer_tokens)
+    for per in pers:
+        _record(per["full"], dt, meta, ref_rows, ref_rows, answer, ref, item, args.answer_tokens)
 
     passage_chunks = b.chunks[: len(second)]
     dev = oracle.deviation(b.stored_ids, b.stored_chunks, first, ids, passage_chunks, second) if oracle else None
     where = _OracleInputs(b, first, second) if oracle else None
     configs = [("exact", None)] + [(label(p, k), _envelope(b.chunks, p, k, dev, where)) for p, k in chunk_configs]
-    for name, hints in configs:
-        kw = {"kv_hints": hints} if hints else {}
-        # (exact: after the timed request the tree holds this prompt; its quality is exact either way)
-        dt, meta = _ttft(holes, input_ids=ids, **kw)
-        gen = holes.generate(input_ids=ids, sampling_params={"max_new_tokens": args.answer_tokens,
-                                                             "temperature": 0.0}, **kw) if args.greedy else None
-        rows = _teacher_forced(holes, ids, answer, vocab, **kw)
-        _record(per[name], dt, meta, ref_rows, rows, answer, gen, item, args.answer_tokens)
+    for eng, per in zip(holes, pers, strict=True):
+        _store(eng, b)
+        for name, hints in configs:
+            kw = {"kv_hints": hints} if hints else {}
+            # (exact: after the timed request the tree holds this prompt; its quality is exact either way)
+            dt, meta = _ttft(eng, input_ids=ids, **kw)
+            gen = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": args.answer_tokens,
+                                                               "temperature": 0.0}, **kw) if args.greedy else None
+            rows = _teacher_forced(eng, ids, answer, vocab, **kw)
+            _record(per[name], dt, meta, ref_rows, rows, answer, gen, item, args.answer_tokens)
+
+
+def _store(holes, b: Built) -> None:
+    """A fresh cache holding the passages as stored in the first order: chunks and the exact tree."""
+    from sglang_holes.chunks.hints import chunk_envelope
+
+    holes.flush_cache()
+    holes.generate(input_ids=b.stored_ids, kv_hints=chunk_envelope(b.stored_chunks, "none"),
+                   sampling_params={"max_new_tokens": 1})  # stores the 10 passages
+    holes.generate(input_ids=b.stored_ids, sampling_params={"max_new_tokens": 1})  # the exact tree's copy
 
 
 class _OracleInputs(NamedTuple):

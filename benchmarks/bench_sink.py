@@ -29,27 +29,21 @@ CONFIGS = ("none", "query:0.15")
 BEFORE = {"none": (0.934, 0.025), "query 15%": (0.675, 0.171)}
 
 
-def _measure(args, sink: int, data: list[dict], model_dir: str, full) -> dict:
-    import sglang_holes
-    from sglang_holes.config import ENV_CHUNK_SINK_TOKENS
-    from sglang_holes.patches.engine import shutdown_all
-
-    os.environ[ENV_CHUNK_SINK_TOKENS] = str(sink)  # read by the engine's scheduler process at start
-    holes = sglang_holes.Engine(model_path=model_dir, max_total_tokens=20000, chunked_prefill_size=16384,
-                                mem_fraction_static=0.5, log_level="error", random_seed=0)
-    configs = [parse_config(c) for c in args.configs.split(",")]
-    names = ["full", "exact"] + [label(p, k) for p, k in configs]
-    per = {n: {"ttft": [], "recompute": [], "top1": [], "kl": [], "mass": [], "match32": [], "f1": [], "n": []}
-           for n in names}
-    try:
-        prompts = Prompts(holes.tokenizer_manager.tokenizer, args.passage_tokens)
-        rng = random.Random(args.seed)
-        for item in tqdm(data, desc=f"sink {sink}", unit="q"):
-            _question(args, "docs_first", item, rng, prompts, full, holes, None, configs, per)
-    finally:
-        shutdown_all([holes])
+def _summary(per: dict) -> dict:
     return {n: {"top1": statistics.mean(a["top1"]), "kl": statistics.mean(a["kl"]),
                 "recompute": statistics.mean(a["recompute"])} for n, a in per.items() if n not in ("full", "exact")}
+
+
+def _holes_engine(sink: int, model_dir: str):
+    import sglang_holes
+    from sglang_holes.config import ENV_CHUNK_SINK_TOKENS
+
+    os.environ[ENV_CHUNK_SINK_TOKENS] = str(sink)  # read by the engine's scheduler process at start
+    try:
+        return sglang_holes.Engine(model_path=model_dir, max_total_tokens=20000, chunked_prefill_size=16384,
+                                   mem_fraction_static=0.5, log_level="error", random_seed=0)
+    finally:
+        del os.environ[ENV_CHUNK_SINK_TOKENS]
 
 
 def main() -> None:
@@ -69,13 +63,24 @@ def main() -> None:
     args.greedy = False
     data = json.loads(DATA.read_text())[: args.questions]
     model_dir = resolve_model_path(None)
-    full = sglang_holes.Engine(model_path=model_dir, radix_cache_backend=None, disable_radix_cache=True,
-                               max_total_tokens=20000, chunked_prefill_size=16384, mem_fraction_static=0.5,
-                               log_level="error", random_seed=0)
+    sinks = [int(x) for x in args.sinks.split(",")]
+    configs = [parse_config(c) for c in args.configs.split(",")]
+    names = ["full", "exact"] + [label(p, k) for p, k in configs]
+    # Every engine up front: shutting one down kills every SGLang process of this one.
+    engines = [sglang_holes.Engine(model_path=model_dir, radix_cache_backend=None, disable_radix_cache=True,
+                                   max_total_tokens=20000, chunked_prefill_size=16384, mem_fraction_static=0.5,
+                                   log_level="error", random_seed=0)]
     try:
-        result = {int(s): _measure(args, int(s), data, model_dir, full) for s in args.sinks.split(",")}
+        engines += [_holes_engine(s, model_dir) for s in sinks]
+        pers = [{n: {k: [] for k in ("ttft", "recompute", "top1", "kl", "mass", "match32", "f1", "n")} for n in names}
+                for _ in sinks]
+        prompts = Prompts(engines[0].tokenizer_manager.tokenizer, args.passage_tokens)
+        rng = random.Random(args.seed)
+        for item in tqdm(data, desc=f"questions (sinks {args.sinks})", unit="q"):
+            _question(args, "docs_first", item, rng, prompts, engines[0], engines[1:], None, configs, pers)
     finally:
-        shutdown_all([full])
+        shutdown_all(engines)
+    result = {s: _summary(per) for s, per in zip(sinks, pers, strict=True)}
     command = "python benchmarks/" + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
     names = list(next(iter(result.values())))
     lines = [f"Machine: {cpu_name()}. {len(data)} MuSiQue questions, documents-first prompts (10 passages of "
