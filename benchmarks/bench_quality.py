@@ -365,6 +365,8 @@ def write_table(rows: list[dict], meta: dict, path: Path) -> None:
                   "| config | recomputed | top-1 | KL (top-20) | vs none: top-1, KL | first-N match | F1 | "
                   "TTFT (median) | speedup vs full |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        if (target := target_line(part)) is not None:
+            lines += [target, ""]
         for r in part:
             match = "–" if r["match32"] is None else f"{100 * r['match32']:.0f}%"
             f1 = "–" if r["f1"] is None else f"{r['f1']:.3f}"
@@ -373,6 +375,30 @@ def write_table(rows: list[dict], meta: dict, path: Path) -> None:
             lines.append(f"| {r['config']} | {100 * r['recompute']:.1f}% | {100 * r['top1']:.1f}% | {r['kl']:.3f} | "
                          f"{vs} | {match} | {f1} | {1000 * r['ttft_s']:.0f} ms | {r['speedup']:.2f}x |")
     path.write_text("\n".join(lines) + "\n")
+
+
+TARGET_TOP1, TARGET_KL, TARGET_RECOMPUTE = 0.95, 0.5, 0.15  # issue #20: at <= 15% recomputed
+
+
+def target_line(rows: list[dict]) -> str | None:
+    """The quality target of one setting, for ``query`` at ratio 15% (else the most recomputing ``query``
+    within 15% recomputed): met or not, and the gap to the target, to full recompute and to the oracle."""
+    none = next((r for r in rows if r["config"] == "none"), None)
+    query = [r for r in rows if r["config"].startswith("query ")]
+    q = next((r for r in query if r["config"] == "query 15%"), None) or \
+        max((r for r in query if r["recompute"] <= TARGET_RECOMPUTE), key=lambda r: r["recompute"], default=None)
+    if none is None or q is None or not none["kl"]:
+        return None
+    ratio = q["config"].split()[1]
+    oracle = next((r for r in rows if r["config"] == f"oracle {ratio}"), None)
+    met = q["top1"] >= TARGET_TOP1 and q["kl"] <= TARGET_KL * none["kl"] and q["recompute"] <= TARGET_RECOMPUTE
+    gap = (f"**{q['config']}** ({100 * q['recompute']:.1f}% of the prompt recomputed, separators and question "
+           f"included): top-1 {100 * q['top1']:.1f}% (target {100 * TARGET_TOP1:.0f}%, full 100%), KL "
+           f"{q['kl'] / none['kl']:.2f}× none's (target ≤ {TARGET_KL}×)")
+    if oracle is not None:
+        gap += (f"; the all-layer KV-deviation oracle at the same ratio: {100 * oracle['top1']:.1f}%, "
+                f"{oracle['kl'] / none['kl']:.2f}×")
+    return f"Target {'met' if met else 'not met'}: {gap}."
 
 
 GROUPS = {"deviation": "tab:orange", "query": "tab:blue", "oracle": "tab:purple"}
