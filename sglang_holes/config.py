@@ -22,7 +22,7 @@ variable                           default                meaning
                                                           only by the KV pool, which evicts it under pressure)
 ``SGLANG_HOLES_CHUNK_STORE_POLICY`` ``frequency``         what the chunk store keeps: ``frequency`` (use counts
                                                           with aging, TinyLFU admission) or ``lru``
-``SGLANG_HOLES_CHUNK_SINK_TOKENS`` ``SINK_TOKENS``          a prompt's first positions never served from chunk
+``SGLANG_HOLES_CHUNK_SINK_TOKENS`` ``4``                  a prompt's first positions never served from chunk
                                                           KV computed elsewhere (the attention sink; >= 1)
 ``SGLANG_HOLES_CHECK_INTEGRITY``   ``0``                  ``1``: audit the KV pool's ownership at every
                                                           scheduler step and stop loudly on a broken pool
