@@ -87,6 +87,8 @@ def main() -> None:
              f"{args.passage_tokens} tokens, each a chunk, then the question as the last chunk), SmolLM2-135M fp32; "
              f"top-1 agreement and KL(full || config) over the first {args.answer_tokens} answer tokens, "
              f"teacher-forced. Command: `{command}`.", "",
+             "Row 0 is issue #20's measurement of the server before the rule (sink 0 is no longer a setting), on its "
+             "own 30 questions and prompt assembly: compare `query` with `none` within a row, not across rows.", "",
              "| sink positions | " + " | ".join(f"{n}: top-1, KL, recomputed" for n in names) + " |",
              "|---:|" + "---:|" * len(names)]
     before = " | ".join(f"{100 * BEFORE[n][0]:.1f}%, –, {100 * BEFORE[n][1]:.1f}%" if n in BEFORE else "–"

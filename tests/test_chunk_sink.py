@@ -35,10 +35,11 @@ def hf_model(embedded_model):
 
     model = AutoModelForCausalLM.from_pretrained(str(embedded_model), torch_dtype=torch.float64,
                                                  attn_implementation="eager")
+    model.memo = {}  # per-module: the stored prompts' KV, freed with the model
     return model.eval()
 
 
-def _stored_kv(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _stored_kv(model, ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, K (RoPE applied) and V ``[n, kv_heads, head_dim]`` of ``ids`` computed in full."""
     with torch.no_grad():
         cache = model(torch.tensor([ids]), use_cache=True).past_key_values
@@ -93,7 +94,10 @@ def _placed(model, stored_ids: list[int], ids: list[int], where: list[tuple[int,
     """The stored prompt's KV moved to ``ids``: ``where`` = (start in ids, start in stored, length)."""
     n = len(ids)
     out = []
-    for k1, v1 in _stored_kv(model, stored_ids):
+    key = ("stored", tuple(stored_ids))
+    if key not in model.memo:  # the parametrized cases share one stored prompt
+        model.memo[key] = _stored_kv(model, key[1])
+    for k1, v1 in model.memo[key]:
         k, v = k1.new_zeros((n, *k1.shape[1:])), v1.new_zeros((n, *v1.shape[1:]))
         for s, s1, length in where:
             delta = torch.full((length,), s - s1)
