@@ -130,61 +130,60 @@ def _computed(meta: dict, n: int) -> torch.Tensor:
     return mask
 
 
+def _store_then_ask(engine, tokenizer, seed: int, questions: tuple[str, str], order: list[int], policy: str,
+                    **params) -> tuple[dict, list[int], list[tuple[int, int, int]], list[int], torch.Tensor]:
+    """Store three documents and a question as chunks in order 0, 1, 2, then ask the second question
+    with the documents in ``order``. Returns the answer's ``meta_info``, the stored prompt, where each
+    document moved (start in the asked prompt, start in the stored one, length), the asked prompt, and
+    the positions the engine computed."""
+    assert engine.flush_cache().success
+    docs = _docs(tokenizer, seed)
+    q1, q2 = (tokenizer(f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"] for q in questions)
+    stored_ids, stored_spans = _prompt(docs, [0, 1, 2], q1)
+    engine.generate(input_ids=stored_ids, kv_hints=chunk_envelope(stored_spans, "none"),
+                    sampling_params={"max_new_tokens": 1})
+    ids, spans = _prompt(docs, order, q2)
+    out = engine.generate(input_ids=ids, kv_hints=chunk_envelope(spans, policy, **params),
+                          sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                          return_logprob=True, top_logprobs_num=5)
+    meta = out["meta_info"]
+    where = [(spans[j][0], stored_spans[i][0], len(docs[i])) for j, i in enumerate(order)]
+    return meta, stored_ids, where, ids, _computed(meta, len(ids))
+
+
+def _assert_matches(meta: dict, ref: torch.Tensor) -> None:
+    """The engine's top-5 next-token logprobs equal the reference's (and its argmax)."""
+    top = meta["output_top_logprobs"][0]
+    assert top[0][1] == int(ref.argmax())
+    assert max(abs(lp - float(ref[t])) for lp, t, _ in top) <= LOGPROB_TOL, (top, ref.topk(5))
+
+
 @pytest.mark.parametrize("policy, params", [("none", {}), ("first_k", {"k": 2}), ("query", {"ratio": 0.15}),
                                             ("explicit", {"recompute": [[30, 34]]})])
 def test_a_moved_document_never_serves_the_sink(holes_engine, tokenizer, hf_model, policy, params):
     """Documents first, no system prompt: stored in one order, asked in another. Under every policy
     the first SINK_TOKENS positions are recomputed (reported), and the engine's next-token
     distribution equals the reference's over the same recomputed positions."""
-    assert holes_engine.flush_cache().success
-    docs = _docs(tokenizer, 1)
-    q1 = tokenizer("Question: which item is heaviest?\nAnswer:", add_special_tokens=False)["input_ids"]
-    q2 = tokenizer("Question: which item is blue?\nAnswer:", add_special_tokens=False)["input_ids"]
-    stored_ids, stored_spans = _prompt(docs, [0, 1, 2], q1)
-    holes_engine.generate(input_ids=stored_ids, kv_hints=chunk_envelope(stored_spans, "none"),
-                          sampling_params={"max_new_tokens": 1})
-    ids, spans = _prompt(docs, [2, 0, 1], q2)
-    out = holes_engine.generate(input_ids=ids, kv_hints=chunk_envelope(spans, policy, **params),
-                                sampling_params={"max_new_tokens": 1, "temperature": 0.0},
-                                return_logprob=True, top_logprobs_num=5)
-    meta = out["meta_info"]
-    computed = _computed(meta, len(ids))
+    meta, stored_ids, where, ids, computed = _store_then_ask(
+        holes_engine, tokenizer, 1, ("which item is heaviest?", "which item is blue?"), [2, 0, 1], policy, **params)
     assert computed[:SINK_TOKENS].all(), meta["hole_spans"]
     reuse = meta["chunk_reuse"]
     assert reuse["reused_chunks"] == 3 and reuse["sink_recomputed"] == max(0, SINK_TOKENS - params.get("k", 0))
-    assert not computed[SINK_TOKENS : len(docs[2])].all()  # the rest of the moved document is reused
-    where = [(spans[j][0], stored_spans[i][0], len(docs[i])) for j, i in enumerate([2, 0, 1])]
+    assert not computed[SINK_TOKENS : where[0][2]].all()  # the rest of the moved document is reused
     placed = _placed(hf_model, stored_ids, ids, where)
-    ref = reference_logprobs(hf_model, ids, computed, placed)
-    top = meta["output_top_logprobs"][0]
-    assert top[0][1] == int(ref.argmax())
-    assert max(abs(lp - float(ref[t])) for lp, t, _ in top) <= LOGPROB_TOL, (top, ref.topk(5))
+    _assert_matches(meta, reference_logprobs(hf_model, ids, computed, placed))
     if policy == "none":  # the comparison sees the sink: served from the moved KV, the answer moves
         moved = computed.clone()
         moved[:SINK_TOKENS] = False
         wrong = reference_logprobs(hf_model, ids, moved, placed)
+        top = meta["output_top_logprobs"][0]
         assert max(abs(lp - float(wrong[t])) for lp, t, _ in top) > 10 * LOGPROB_TOL
 
 
 def test_a_document_stored_at_offset_zero_serves_the_sink_in_place(holes_engine, tokenizer, hf_model):
     """The same document first again: its KV was computed at position 0 after nothing, so it is exact
     there and nothing is recomputed for the sink; the distribution still equals the reference."""
-    assert holes_engine.flush_cache().success
-    docs = _docs(tokenizer, 2)
-    q1 = tokenizer("Question: what is amber?\nAnswer:", add_special_tokens=False)["input_ids"]
-    q2 = tokenizer("Question: what is red?\nAnswer:", add_special_tokens=False)["input_ids"]
-    stored_ids, stored_spans = _prompt(docs, [0, 1, 2], q1)
-    holes_engine.generate(input_ids=stored_ids, kv_hints=chunk_envelope(stored_spans, "none"),
-                          sampling_params={"max_new_tokens": 1})
-    ids, spans = _prompt(docs, [0, 2, 1], q2)
-    out = holes_engine.generate(input_ids=ids, kv_hints=chunk_envelope(spans, "none"),
-                                sampling_params={"max_new_tokens": 1, "temperature": 0.0},
-                                return_logprob=True, top_logprobs_num=5)
-    meta = out["meta_info"]
-    computed = _computed(meta, len(ids))
-    assert meta["chunk_reuse"]["sink_recomputed"] == 0 and not computed[: len(docs[0])].any(), meta["hole_spans"]
-    where = [(spans[j][0], stored_spans[i][0], len(docs[i])) for j, i in enumerate([0, 2, 1])]
-    ref = reference_logprobs(hf_model, ids, computed, _placed(hf_model, stored_ids, ids, where))
-    top = meta["output_top_logprobs"][0]
-    assert top[0][1] == int(ref.argmax())
-    assert max(abs(lp - float(ref[t])) for lp, t, _ in top) <= LOGPROB_TOL, (top, ref.topk(5))
+    meta, stored_ids, where, ids, computed = _store_then_ask(
+        holes_engine, tokenizer, 2, ("what is amber?", "what is red?"), [0, 2, 1], "none")
+    assert meta["chunk_reuse"]["sink_recomputed"] == 0 and not computed[: where[0][2]].any(), meta["hole_spans"]
+    _assert_matches(meta, reference_logprobs(hf_model, ids, computed, _placed(hf_model, stored_ids, ids, where)))
