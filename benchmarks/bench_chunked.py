@@ -71,7 +71,7 @@ def stock_ttft(eng, ids: list[int], spans: list[tuple[int, int]]) -> tuple[float
 
 def part1(model: str, cases: list, context: int) -> tuple[list[dict], int]:
     """Stock vs holes at SGLang's default chunk size (which it reports in get_server_info)."""
-    from sglang_holes.patches.engine import shutdown_all
+    from sglang_holes.patches.launch.engine import shutdown_all
 
     rows = []
     stock, holes = _engine(model, None, None, context), _engine(model, "holes", None, context)
@@ -133,7 +133,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from sglang_holes.model import prepare_embedded_model
-    from sglang_holes.patches.engine import shutdown_all
+    from sglang_holes.patches.launch.engine import shutdown_all
 
     model = str(prepare_embedded_model())
     stream = token_prompts(AutoTokenizer.from_pretrained(model), max(args.sizes))

@@ -71,7 +71,7 @@ def main() -> None:
     import sglang_holes
     from sglang_holes.cache.recompute_cost import RecomputeCost
     from sglang_holes.model import prepare_embedded_model
-    from sglang_holes.patches.engine import shutdown_all
+    from sglang_holes.patches.launch.engine import shutdown_all
 
     model = prepare_embedded_model()
     cost = RecomputeCost.from_config(json.loads((Path(model) / "config.json").read_text()))

@@ -193,7 +193,7 @@ def main() -> None:
             tqdm.write(f"{name}: stock {r['stock']['ttft_s']:.2f}s, prefix-only {r['prefix-only']['ttft_s']:.2f}s, "
                        f"holes {r['holes']['ttft_s']:.2f}s")
     finally:
-        from sglang_holes.patches.engine import shutdown_all
+        from sglang_holes.patches.launch.engine import shutdown_all
 
         shutdown_all(list(engines.values()))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ def stream(sessions: int, turns: int, seed: int = 0) -> list[list[int]]:
 
 def run(policy: str, model: str, requests: list[list[int]], pool: int) -> dict:
     import sglang_holes
-    from sglang_holes.patches.engine import shutdown_all
+    from sglang_holes.patches.launch.engine import shutdown_all
 
     eng = sglang_holes.Engine(model_path=model, radix_eviction_policy=policy, max_total_tokens=pool,
                               log_level="error", random_seed=0)

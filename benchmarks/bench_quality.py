@@ -208,7 +208,7 @@ def _teacher_forced(eng, ids: list[int], answer: list[int], token_ids: list[int]
 
 def evaluate(args, chunk_configs: list[tuple[str, dict]]) -> dict:
     from sglang_holes.model import resolve_model_path
-    from sglang_holes.patches.engine import shutdown_all
+    from sglang_holes.patches.launch.engine import shutdown_all
 
     data = json.loads(DATA.read_text())[: args.questions]
     model_dir = resolve_model_path(None)

@@ -49,7 +49,7 @@ def _holes_engine(sink: int, model_dir: str):
 def main() -> None:
     import sglang_holes
     from sglang_holes.model import resolve_model_path
-    from sglang_holes.patches.engine import shutdown_all
+    from sglang_holes.patches.launch.engine import shutdown_all
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--questions", type=int, default=20)

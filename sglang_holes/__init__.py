@@ -13,7 +13,7 @@ is the only code that does), one subpackage per layer:
 * ``sglang_holes.config`` -- ``HolesConfig``, every setting in one validated object.
 
 ``sglang_holes.Engine`` (a drop-in ``sglang.Engine``) is resolved lazily from
-``sglang_holes.patches.engine`` so that importing the core never imports sglang.
+``sglang_holes.patches.launch.engine`` so that importing the core never imports sglang.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name == "Engine":
-        from sglang_holes.patches.engine import Engine
+        from sglang_holes.patches.launch.engine import Engine
 
         return Engine
     raise AttributeError(f"module 'sglang_holes' has no attribute {name!r}")

@@ -30,7 +30,7 @@ variable                           default                meaning
 =================================  =====================  ==================================================
 
 ``SGLANG_PLATFORM`` is SGLang's own variable; ``selected_platform`` / ``select_platform``
-read and set it for the out-of-tree CPU platform (``patches/platform.py``).
+read and set it for the out-of-tree CPU platform (``patches/launch/platform.py``).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class HolesConfig:
     mode: ``holes``, or ``prefix-only`` (benchmark baseline: every extend runs the hole
         attention code but only the leading cached run is reused).
     check_integrity: audit the pool's slot ownership at every scheduler step
-        (``patches/pool_audit.py``); off by default.
+        (``patches/scheduler/pool_audit.py``); off by default.
     chunk_store_tokens: the chunk store's capacity in tokens (None: bounded by the KV pool only).
     chunk_store_policy: what the chunk store keeps (``sglang_holes.chunks.store``).
     chunk_sink_tokens: a prompt's first positions that chunk reuse never serves from KV computed at

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 # Every engine and server a test starts audits its KV pool's ownership at every scheduler step
-# (patches/pool_audit.py): a slot owned twice or leaked stops the scheduler at the step that broke it.
+# (patches/scheduler/pool_audit.py): a slot owned twice or leaked stops the scheduler at the step that broke it.
 os.environ.setdefault("SGLANG_HOLES_CHECK_INTEGRITY", "1")
 
 
@@ -43,7 +43,7 @@ class Engines:
 
     ``sglang.Engine.shutdown()`` kills all SGLang subprocesses of the process (other
     engines included), so no engine is shut down before the session ends
-    (``sglang_holes.patches.engine.shutdown_all`` stops every watchdog first).
+    (``sglang_holes.patches.launch.engine.shutdown_all`` stops every watchdog first).
     """
 
     def __init__(self) -> None:
@@ -69,7 +69,7 @@ class Engines:
 
 @pytest.fixture(scope="session")
 def engines() -> Iterator[Engines]:
-    from sglang_holes.patches.engine import shutdown_all
+    from sglang_holes.patches.launch.engine import shutdown_all
 
     pool = Engines()
     try:

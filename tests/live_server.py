@@ -86,7 +86,8 @@ def start_server(model: Path, log: Path, *flags: str, pool: int, env: dict[str, 
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", SGLANG_HOLES_CHECK_INTEGRITY="1", **(env or {}))
     out = log.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "sglang_holes.patches.cli", "serve", "--model-path", str(model),
+    proc = subprocess.Popen([sys.executable, "-m", "sglang_holes.patches.launch.cli", "serve",
+                             "--model-path", str(model),
                              "--host", "127.0.0.1", "--port", str(port), "--max-total-tokens", str(pool),
                              "--random-seed", "0", *flags],
                             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -54,7 +54,7 @@ def main() -> None:
     kind, model = sys.argv[1], sys.argv[2]
     os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per rank
     import sglang_holes
-    from sglang_holes.patches.engine import shutdown_all
+    from sglang_holes.patches.launch.engine import shutdown_all
 
     size = {"dp_size": 2} if kind == "dp" else {"tp_size": 2}
     eng = sglang_holes.Engine(model_path=model, skip_tokenizer_init=True, log_level="error", random_seed=0,

@@ -19,7 +19,7 @@ from typing import Any
 from sglang_holes.attention.flash_attn_interpreter import flash_attn_with_kvcache
 
 FA3_MODULE = "sglang.srt.layers.attention.flashattention_backend"
-OUR_MODULE = "sglang_holes.patches.fa3_backend"
+OUR_MODULE = "sglang_holes.patches.attention.fa3"
 
 
 def _no_kernel(name: str) -> Any:

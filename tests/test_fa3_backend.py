@@ -33,7 +33,7 @@ from tests.sgl_kernel_standin import fa3_backend_module
 @pytest.fixture(scope="module")
 def fa3():
     with fa3_backend_module() as stock:
-        from sglang_holes.patches import fa3_backend
+        from sglang_holes.patches.attention import fa3 as fa3_backend
 
         yield SimpleNamespace(stock=stock, ours=fa3_backend)
 

@@ -30,7 +30,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sglang_holes.attention.flashinfer_interpreter import InterpretedPrefillWrapper
-from sglang_holes.patches.flashinfer_backend import HoleFlashInferAttnBackend, plan_hole_batch
+from sglang_holes.patches.attention.flashinfer import HoleFlashInferAttnBackend, plan_hole_batch
 from tests.backend_batches import CASES, HKV, HQ, LAYERS, TOL, D, hole_batch, oracle
 
 

@@ -1,4 +1,4 @@
-"""Every SGLang target in ``patches/hooks.py`` resolves and has the shape the hooks unpack.
+"""Every SGLang target in ``patches/launch/hooks.py`` resolves and has the shape the hooks unpack.
 
 SGLang's ``HookRegistry`` only logs a target it cannot find, which would silently turn
 sglang-holes back into stock SGLang; this test (and ``verify()`` at start-up) fails instead.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_holes.patches import hooks
+from sglang_holes.patches.launch import hooks
 from tests.sgl_kernel_standin import fa3_backend_module
 
 
@@ -56,15 +56,15 @@ def test_verify_passes_on_the_pinned_sglang():
 
 @pytest.mark.parametrize("broken, message", [
     (hooks.HookSpec("sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend_v2", "after",
-                    "schedule_batch:after_prepare_for_extend", ("self",)), "is gone"),
+                    "scheduler.extend:after_prepare_for_extend", ("self",)), "is gone"),
     (hooks.HookSpec("sglang.srt.managers.schedulerx.Scheduler.handle_rpc_request", "around",
-                    "scheduler_rpc:around_rpc", ("self", "recv_req")), "is gone"),
+                    "serving.rpc:around_rpc", ("self", "recv_req")), "is gone"),
     (hooks.HookSpec("sglang.srt.managers.scheduler.Scheduler.handle_rpc_request", "around",
-                    "scheduler_rpc:around_rpc", ("self", "request")), "expects it to start with"),
+                    "serving.rpc:around_rpc", ("self", "request")), "expects it to start with"),
     # An AROUND hook registered as AFTER would receive (result, ...) where it expects (original, ...):
     # the bind check cannot see that, but a hook taking fewer arguments than the target is caught.
     (hooks.HookSpec("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
-                    "before", "meta_info:around_is_request_level", ("self",)), "cannot take the arguments"),
+                    "before", "serving.meta_info:around_is_request_level", ("self",)), "cannot take the arguments"),
 ])
 def test_a_moved_or_reshaped_target_fails(broken, message):
     with pytest.raises(hooks.ContractError, match=message):
@@ -99,8 +99,8 @@ def test_hole_backends_keep_the_coarse_overlap_barrier():
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-    from sglang_holes.patches.flashinfer_backend import HoleFlashInferAttnBackend
-    from sglang_holes.patches.torch_native_backend import HoleTorchNativeAttnBackend
+    from sglang_holes.patches.attention.flashinfer import HoleFlashInferAttnBackend
+    from sglang_holes.patches.attention.torch_native import HoleTorchNativeAttnBackend
 
     for cls in (FlashInferAttnBackend, TorchNativeAttnBackend, HoleFlashInferAttnBackend, HoleTorchNativeAttnBackend):
         for name in ("shared_read_ends", "resolve_prefill_shared_read_ends"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_holes.patches import server_args as launch
+from sglang_holes.patches.launch import server_args as launch
 
 
 def test_cpu_defaults_yield_to_explicit_flags(monkeypatch):

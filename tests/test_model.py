@@ -60,7 +60,7 @@ def test_corrupted_cache_is_reported_not_used(embedded_model: Path, tmp_cache: P
     before = sorted(p.name for p in dest.iterdir())
     with pytest.raises(M.ModelError, match="corrupted"):
         M.prepare_embedded_model(progress=False)
-    r = subprocess.run([sys.executable, "-m", "sglang_holes.patches.cli", "prepare-model", "--quiet"],
+    r = subprocess.run([sys.executable, "-m", "sglang_holes.patches.launch.cli", "prepare-model", "--quiet"],
                        capture_output=True, text=True, env=dict(os.environ), timeout=120)
     assert r.returncode == 2 and "corrupted" in r.stderr and "--force" in r.stderr
     assert sorted(p.name for p in dest.iterdir()) == before  # left for the user to inspect, not half-deleted

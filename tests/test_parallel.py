@@ -77,7 +77,7 @@ def test_http_eviction_with_data_parallelism(tiny_llama, tiny_engines):
 
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sglang_holes.patches.cli", "serve", "--port", str(port), "--dp-size", "2",
+        [sys.executable, "-m", "sglang_holes.patches.launch.cli", "serve", "--port", str(port), "--dp-size", "2",
          "--model-path", str(tiny_llama), "--skip-tokenizer-init", "--max-total-tokens", "4000", "--log-level",
          "error", "--enable-metrics"], env=dict(os.environ, **BIND), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -12,19 +12,19 @@ import pytest
 
 
 def test_pinned_version_is_installed():
-    from sglang_holes.patches.version import SUPPORTED_SGLANG, check_sglang_version
+    from sglang_holes.patches.launch.version import SUPPORTED_SGLANG, check_sglang_version
 
     assert md.version("sglang") == SUPPORTED_SGLANG
     check_sglang_version()
 
 
 def test_other_versions_are_refused():
-    from sglang_holes.patches.version import UnsupportedSGLangError, check_sglang_version
+    from sglang_holes.patches.launch.version import UnsupportedSGLangError, check_sglang_version
 
     with pytest.raises(UnsupportedSGLangError, match=r"supports sglang==0\.5\.23 only.*sglang==0\.5\.24"):
         check_sglang_version("0.5.24")
     # `None` means "look it up"; an absent sglang is reported as such:
-    import sglang_holes.patches.version as v
+    import sglang_holes.patches.launch.version as v
 
     orig = v.installed_sglang_version
     try:
@@ -38,8 +38,8 @@ def test_other_versions_are_refused():
 def test_plugin_disables_itself_on_another_version(monkeypatch, caplog):
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    import sglang_holes.patches.plugin as plugin
-    import sglang_holes.patches.version as v
+    import sglang_holes.patches.launch.plugin as plugin
+    import sglang_holes.patches.launch.version as v
 
     monkeypatch.setattr(v, "installed_sglang_version", lambda: "0.4.0")
     before = {k: list(h) for k, h in HookRegistry._hooks.items()}
@@ -51,8 +51,8 @@ def test_plugin_disables_itself_on_another_version(monkeypatch, caplog):
 
 def test_entry_points_are_registered():
     eps = {(e.group, e.name): e.value for e in md.distribution("sglang-holes").entry_points}
-    assert eps[("sglang.srt.plugins", "sglang_holes")] == "sglang_holes.patches.plugin:load"
-    assert eps[("sglang.srt.platforms", "holes_cpu")] == "sglang_holes.patches.platform:activate"
+    assert eps[("sglang.srt.plugins", "sglang_holes")] == "sglang_holes.patches.launch.plugin:load"
+    assert eps[("sglang.srt.platforms", "holes_cpu")] == "sglang_holes.patches.launch.platform:activate"
 
 
 def test_rotary_vllm_import_is_still_guarded_by_out_of_tree():
@@ -66,7 +66,7 @@ def test_rotary_vllm_import_is_still_guarded_by_out_of_tree():
 
 
 def test_platform_activation_is_opt_in(monkeypatch):
-    from sglang_holes.patches import platform
+    from sglang_holes.patches.launch import platform
 
     monkeypatch.delenv("SGLANG_PLATFORM", raising=False)
     assert platform.activate() is None  # installed but not selected: SGLang is unchanged

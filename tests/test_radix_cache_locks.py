@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_holes.patches.radix_cache import HoleRadixCache
+from sglang_holes.patches.scheduler.radix_cache import HoleRadixCache
 
 
 def _cache() -> HoleRadixCache:

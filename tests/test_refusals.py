@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_holes.patches import server_args as launch
-from sglang_holes.patches.cache_factory import _neox_style, quantized_kv, why_no_hole_batches
+from sglang_holes.patches.launch import server_args as launch
+from sglang_holes.patches.scheduler.cache_factory import _neox_style, quantized_kv, why_no_hole_batches
 
 
 @pytest.mark.parametrize("settings, flag", [
@@ -94,7 +94,7 @@ def test_fa3_runs_hole_batches_except_where_its_extend_is_not_one_call():
 
 
 def test_hole_requests_asking_for_hidden_states_take_the_stock_path():
-    from sglang_holes.patches.request_holes import stock_path_reason
+    from sglang_holes.patches.scheduler.request_holes import stock_path_reason
 
     req = SimpleNamespace(multimodal_inputs=None, input_embeds=None, return_logprob=False, logprob_start_len=-1,
                           origin_input_ids=[1, 2, 3], return_hidden_states=True)
@@ -112,7 +112,7 @@ def test_chunk_reuse_needs_an_unquantized_kv_pool():
 
 def test_chunk_hints_are_refused_where_chunk_reuse_cannot_run():
     from sglang_holes.chunks.hints import chunk_envelope
-    from sglang_holes.patches.tokenizer_manager import after_validate
+    from sglang_holes.patches.serving.entry import after_validate
 
     hf = SimpleNamespace(to_dict=lambda: {"rope_theta": 10000.0, "hidden_size": 64, "num_attention_heads": 4})
     obj = SimpleNamespace(kv_hints=chunk_envelope([(0, 4)], "none"))
@@ -181,7 +181,7 @@ def test_flashinfer_subclass_keeps_sglangs_kv_format_check(monkeypatch):
     class is its own; the holes subclass runs the same check (SGLang's method) itself."""
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
-    from sglang_holes.patches.flashinfer_backend import HoleFlashInferAttnBackend
+    from sglang_holes.patches.attention.flashinfer import HoleFlashInferAttnBackend
 
     quant = SimpleNamespace(name="fp4-test", describe_attention_accesses=lambda phase: [])
 

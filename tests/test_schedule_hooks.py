@@ -7,14 +7,14 @@ from types import SimpleNamespace
 import torch
 
 from sglang_holes.cache.node import Segment
-from sglang_holes.patches.request_holes import HoleFill, RequestHoles
+from sglang_holes.patches.scheduler.request_holes import HoleFill, RequestHoles
 from tests.test_radix_cache_locks import _cache
 
 
 def test_a_match_sglang_replaced_is_not_used():
     """SGLANG_RADIX_FORCE_MISS (or anything else) replaces our match after match_prefix: the
     reused spans are not locked for the request, so its fill is dropped (stock extend)."""
-    from sglang_holes.patches.schedule_batch import _plan_request
+    from sglang_holes.patches.scheduler.extend import _plan_request
 
     cache = _cache()
     cache.hole_extend = True
@@ -35,7 +35,7 @@ def test_a_match_sglang_replaced_is_not_used():
 
 def test_meta_info_spans_of_a_retracted_request_keep_its_first_prefill():
     """SGLang counts cached_tokens at the first admission only; the spans must match that prefill."""
-    from sglang_holes.patches.meta_info import record_recomputed
+    from sglang_holes.patches.serving.meta_info import record_recomputed
 
     req = SimpleNamespace(customized_info=None, retracted_stain=False)
     record_recomputed(req, [(10, 20)], continued=False)
@@ -56,7 +56,7 @@ def test_a_failed_chunk_copy_computes_those_positions_instead(caplog):
     from sglang_holes.chunks.hints import ChunkHints
     from sglang_holes.chunks.placement import ChunkFill
     from sglang_holes.chunks.state import ChunkState
-    from sglang_holes.patches.schedule_batch import _commit_fill_extend
+    from sglang_holes.patches.scheduler.extend import _commit_fill_extend
 
     cache = _cache()
     # 8 positions: [0, 2) read in place, [2, 5) a moved chunk (copied, delta 5), [5, 8) computed
@@ -99,7 +99,7 @@ def test_store_computed_keeps_what_the_store_admits_and_frees_what_it_drops():
     from sglang_holes.chunks.hints import ChunkHints
     from sglang_holes.chunks.rope import RopeSpec
     from sglang_holes.chunks.state import ChunkState
-    from sglang_holes.patches.radix_cache_chunks import ChunkReuse
+    from sglang_holes.patches.scheduler.chunk_reuse import ChunkReuse
 
     freed: list[int] = []
     alloc = SimpleNamespace(device="cpu", free=lambda slots: freed.extend(slots.tolist()))

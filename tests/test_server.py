@@ -18,7 +18,7 @@ import requests
 from sglang_holes.config import SINK_TOKENS
 from tests.conftest import REPO
 
-CLI = [sys.executable, "-m", "sglang_holes.patches.cli"]
+CLI = [sys.executable, "-m", "sglang_holes.patches.launch.cli"]
 
 
 def _free_port() -> int:
@@ -98,7 +98,7 @@ def test_make_serve_answers_and_shuts_down_cleanly(embedded_model: Path, tokeniz
             p.kill()
     assert not left, f"orphan processes after shutdown: {[p.cmdline() for p in left]}"
     # The port is free again (nothing listens; TIME_WAIT connections may remain).
-    from sglang_holes.patches.cli import check_port_free
+    from sglang_holes.patches.launch.cli import check_port_free
 
     check_port_free("127.0.0.1", port)
 

@@ -1,7 +1,7 @@
 """Per extend of a hole request: which of its positions this extend computes, in virtual order.
 
 Pure planning on plain tensors (no engine, nothing mutated): the scheduler hook
-(``patches/schedule_batch.py``) plans every request of an extend batch, then applies all
+(``patches/scheduler/extend.py``) plans every request of an extend batch, then applies all
 the plans in one commit step.
 
 SGLang sees a request with reused KV in *virtual order*: its ``R`` reused tokens first (the

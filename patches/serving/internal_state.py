@@ -19,10 +19,10 @@ def cache_state(scheduler: Any) -> dict[str, Any]:
     """Pool accounting and, for the ``holes`` backend, the tree's integrity check.
 
     ``available + evictable + protected + requests_own`` equals ``pool_size``; ``integrity`` is the
-    pool audit (``patches/pool_audit.py``): every page has one owner. Tests use it to prove that
+    pool audit (``patches/scheduler/pool_audit.py``): every page has one owner. Tests use it to prove that
     no slot leaked or was freed twice.
     """
-    from sglang_holes.patches.radix_cache import HoleRadixCache
+    from sglang_holes.patches.scheduler.radix_cache import HoleRadixCache
 
     tree = getattr(scheduler, "tree_cache", None)
     alloc = getattr(scheduler, "token_to_kv_pool_allocator", None)
@@ -40,7 +40,7 @@ def cache_state(scheduler: Any) -> dict[str, Any]:
         if tree.chunks is not None:
             store = tree.chunks.store
             out["chunks"] = {"entries": len(store), "tokens": store.total_size, "locked": store.protected_size}
-        from sglang_holes.patches.pool_audit import audit_scheduler
+        from sglang_holes.patches.scheduler.pool_audit import audit_scheduler
 
         report = audit_scheduler(scheduler)  # one owner per page, counts add up, structures sound
         out["integrity"] = "ok" if report.ok else "FAILED: " + "; ".join(report.problems)
@@ -57,7 +57,7 @@ def plugin_state(scheduler: Any = None) -> dict[str, Any]:
         "platform": type(current_platform).__name__,
     }
     if scheduler is not None:
-        from sglang_holes.patches.scheduler_rpc import ENDPOINT_ATTR
+        from sglang_holes.patches.serving.rpc import ENDPOINT_ATTR
 
         state["rpc_endpoint"] = getattr(scheduler, ENDPOINT_ATTR, None)  # this rank's (data parallelism)
         state["cache"] = cache_state(scheduler)

@@ -4,7 +4,7 @@ plan() inputs built from it.
 Both hole-aware attention backends derive their plan from ``forward_batch.positions``
 alone: a ForwardBatch may be copied field by field on its way to the model, so the
 only hole-specific field set on it is ``positions`` (original positions of the
-compacted queries, from ``batch.holes``, ``patches/schedule_batch.py``). Everything
+compacted queries, from ``batch.holes``, ``patches/scheduler/extend.py``). Everything
 here runs on CPU, so the FlashInfer metadata of a hole batch is tested without a GPU
 (``tests/test_flashinfer_backend.py``).
 """
@@ -19,7 +19,7 @@ import torch
 from sglang_holes.attention.path_cost import choose_path
 from sglang_holes.attention.plan import HolePlan, spans_from_positions
 
-BATCH_ATTR = "holes"  # set by the prepare_for_extend hook (patches/schedule_batch.py)
+BATCH_ATTR = "holes"  # set by the prepare_for_extend hook (patches/scheduler/extend.py)
 
 
 def after_init_new(ret: Any, cls: Any, batch: Any, *_: Any, **__: Any) -> Any:

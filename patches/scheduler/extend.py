@@ -2,7 +2,7 @@
 
 A request with reused KV beyond its leading cached run (a hole request: ``HoleRadixCache.
 match_prefix`` left a ``HoleFill`` in ``req.holes``; or a chunk request reusing stored chunks,
-``patches/radix_cache_chunks.py``) was admitted by SGLang in *virtual order*: its ``R`` reused
+``patches/scheduler/chunk_reuse.py``) was admitted by SGLang in *virtual order*: its ``R`` reused
 tokens as the prefix, then its other positions (``sglang_holes.cache.extend_plan``). Stock
 ``prepare_for_extend`` allocated one slot per extend position and wrote the row in virtual
 order. The AFTER hook turns each such extend into what it really is, in two steps:
@@ -32,10 +32,10 @@ import torch
 
 from sglang_holes.attention.plan import spans_from_positions
 from sglang_holes.cache.extend_plan import HoleChunk, missing_positions, plan_hole_chunk
-from sglang_holes.patches.forward_batch import BATCH_ATTR
-from sglang_holes.patches.meta_info import record_chunk_reuse, record_recomputed
-from sglang_holes.patches.radix_cache import HoleRadixCache
-from sglang_holes.patches.request_holes import HoleFill, holes_of
+from sglang_holes.patches.attention.forward_batch import BATCH_ATTR
+from sglang_holes.patches.scheduler.radix_cache import HoleRadixCache
+from sglang_holes.patches.scheduler.request_holes import HoleFill, holes_of
+from sglang_holes.patches.serving.meta_info import record_chunk_reuse, record_recomputed
 
 logger = logging.getLogger("sglang_holes")
 

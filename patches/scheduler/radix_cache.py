@@ -1,7 +1,7 @@
 """Radix cache backend ``holes``: SGLang's ``BasePrefixCache`` contract on top of ``HoleTree``.
 
 Selected with ``--radix-cache-backend holes`` (registered through SGLang's
-radix-cache registry by ``patches/plugin.py``). Eviction policy: SGLang's own
+radix-cache registry by ``patches/launch/plugin.py``). Eviction policy: SGLang's own
 ``--radix-eviction-policy`` (``HolesConfig.eviction_policy``): ``cost-aware`` (the default
 with this cache: may punch interior holes where recompute is cheapest; its FLOP constants
 come from the served model's config) or ``lru`` (stock behaviour, ``lru-leaf``).
@@ -9,14 +9,14 @@ come from the served model's config) or ``lru`` (stock behaviour, ``lru-leaf``).
 What SGLang sees: the request's leading run of cached tokens as its prefix, exactly
 like stock SGLang; when KV exists beyond a hole, ``match_prefix`` also attaches the
 matched segments to the request and pins them, and the ``prepare_for_extend`` hook
-(``patches/schedule_batch.py``) reuses them, so only the holes and the tail are
+(``patches/scheduler/extend.py``) reuses them, so only the holes and the tail are
 recomputed, in one extend pass. That needs a hole-aware attention backend
 (torch_native on CPU, FlashInfer on GPU, see ``cache_factory.why_no_hole_batches``); with another
 backend, requests with holes take the stock path
 (recompute from the first hole), which stays correct.
 
 Requests with chunk hints (RAG chunk mode) bypass the trees entirely and use the
-chunk store instead (``patches/radix_cache_chunks.py``); the store's slots count in this
+chunk store instead (``patches/scheduler/chunk_reuse.py``); the store's slots count in this
 cache's sizes and eviction.
 
 Slot ownership follows ``HoleTree``: the tree owns what it stores; ``checkpoint``
@@ -25,7 +25,7 @@ identity-aware ``rejected_slots``: a slot the tree already owns at that position
 never freed); ``evict`` returns slots to SGLang's allocator. Which spans of a live request's
 row are not its own (reused in place, not computed yet, handed to the store or the tree after a
 prefill piece) is recorded in one place, ``self.ledger`` (``sglang_holes.cache.slot_ledger``):
-``free_kv_row`` and ``checkpoint`` ask it, and ``patches/pool_audit.py`` audits the whole pool
+``free_kv_row`` and ``checkpoint`` ask it, and ``patches/scheduler/pool_audit.py`` audits the whole pool
 against it.
 """
 
@@ -54,11 +54,11 @@ from sglang_holes.cache.recompute_cost import RecomputeCost
 from sglang_holes.cache.slot_ledger import SlotLedger
 from sglang_holes.cache.tree import HoleTree, Node, TreeHandle
 from sglang_holes.config import HolesConfig
-from sglang_holes.patches.chunk_prefix import match_chunk_prefix, seed_chunk_prefix
-from sglang_holes.patches.hooks import BACKEND_NAME
-from sglang_holes.patches.metrics import COUNTERS, HoleMetrics
-from sglang_holes.patches.radix_cache_chunks import ChunkMatch, ChunkReuse
-from sglang_holes.patches.request_holes import HoleFill, holes_of, stock_path_reason
+from sglang_holes.patches.launch.hooks import BACKEND_NAME
+from sglang_holes.patches.scheduler.chunk_prefix import match_chunk_prefix, seed_chunk_prefix
+from sglang_holes.patches.scheduler.chunk_reuse import ChunkMatch, ChunkReuse
+from sglang_holes.patches.scheduler.request_holes import HoleFill, holes_of, stock_path_reason
+from sglang_holes.patches.serving.metrics import COUNTERS, HoleMetrics
 
 __all__ = ["BACKEND_NAME", "HoleRadixCache"]
 
@@ -92,7 +92,7 @@ class HoleRadixCache(BasePrefixCache):
         self.ledger = SlotLedger()
         self.stats = dict.fromkeys(COUNTERS, 0)
         self.metrics = metrics
-        # RAG chunk mode (patches/radix_cache_chunks.py); None: chunk hints are served as plain requests.
+        # RAG chunk mode (patches/scheduler/chunk_reuse.py); None: chunk hints are served as plain requests.
         self.chunks = chunks
         self.reset()
 
@@ -431,7 +431,7 @@ class HoleRadixCache(BasePrefixCache):
 
     def check_integrity(self) -> None:
         """Every tree's, the chunk store's and the ledger's integrity, and no slot owned twice by holders (the
-        whole pool, live requests included, is audited by ``patches/pool_audit.py``)."""
+        whole pool, live requests included, is audited by ``patches/scheduler/pool_audit.py``)."""
         self.namespaces.check_integrity()
         self.ledger.check_integrity()
         if self.chunks is not None:

@@ -3,7 +3,7 @@ and to ``sglang-holes serve`` flags alike. Every default yields to an explicit u
 
 On a machine without CUDA, SGLang 0.5.23 runs with ``device="cpu"``,
 ``attention_backend="torch_native"`` and ``dtype="float32"`` on the out-of-tree CPU
-platform (``patches/platform.py``). With a GPU, SGLang's own defaults stand, except that
+platform (``patches/launch/platform.py``). With a GPU, SGLang's own defaults stand, except that
 a ``holes`` server does not capture prefill CUDA graphs (hole batches are planned per
 batch and cannot replay a captured plan; decode graphs are unaffected) and gets an
 attention backend that runs hole batches on that GPU (``hole_attention_backend``).
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from sglang_holes.config import select_platform, selected_platform
-from sglang_holes.patches.platform import PLATFORM_NAME
-from sglang_holes.patches.radix_cache import BACKEND_NAME
+from sglang_holes.patches.launch.platform import PLATFORM_NAME
+from sglang_holes.patches.scheduler.radix_cache import BACKEND_NAME
 
 logger = logging.getLogger("sglang_holes")
 

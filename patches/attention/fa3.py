@@ -1,6 +1,6 @@
 """Hole-aware FlashAttention 3 backend (the Hopper default of SGLang).
 
-Registered over ``ATTENTION_BACKENDS["fa3"]`` by ``patches/plugin.py`` (imported only when
+Registered over ``ATTENTION_BACKENDS["fa3"]`` by ``patches/launch/plugin.py`` (imported only when
 such a backend is built: SGLang's FA3 module loads CUDA kernels at import); the factory
 returns the stock backend unless the server runs the ``holes`` radix cache.
 
@@ -15,7 +15,7 @@ batch. Plain extends and cold prompts in the same batch are one run each.
 
 Models whose FA3 extend uses more than that one call (local/chunked attention, a
 separate sliding-window KV pool, cross-attention, context parallelism) or per-sequence
-descales (a quantized KV cache) take the stock path (``patches/cache_factory.py``); a
+descales (a quantized KV cache) take the stock path (``patches/scheduler/cache_factory.py``); a
 hole batch that reaches such a backend anyway is an error, never a silent wrong answer.
 """
 
@@ -27,7 +27,7 @@ from sglang.srt.layers.attention.flashattention_backend import FlashAttentionBac
 from sglang.srt.utils.common import get_device_capability
 
 from sglang_holes.config import HolesConfig
-from sglang_holes.patches.forward_batch import BatchHolePlan, hole_plan_from_positions
+from sglang_holes.patches.attention.forward_batch import BatchHolePlan, hole_plan_from_positions
 
 
 def _unsupported(backend: Any) -> str | None:

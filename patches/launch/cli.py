@@ -5,8 +5,8 @@
     sglang-holes version
 
 ``serve`` is SGLang's own HTTP server (``sglang.launch_server.run_server``) with:
-the pinned-version check and the hook contract check (``patches/hooks.py``); the
-defaults table of ``patches/server_args.py`` (``--radix-cache-backend holes`` unless another is given);
+the pinned-version check and the hook contract check (``patches/launch/hooks.py``); the
+defaults table of ``patches/launch/server_args.py`` (``--radix-cache-backend holes`` unless another is given);
 the embedded model when no ``--model-path`` is given (a
 given local folder is validated first); the plain-CPU defaults when there is no
 GPU; and a check that the port is free before anything heavy starts. Errors in
@@ -51,7 +51,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def prepare_serve_argv(argv: Sequence[str]) -> list[str]:
     """Resolve the model, check the port and add the CPU defaults to ``sglang serve`` flags."""
-    from sglang_holes.patches.server_args import apply_cli_defaults, flag_value
+    from sglang_holes.patches.launch.server_args import apply_cli_defaults, flag_value
 
     out = list(argv)
     # Cheap checks first: a busy port must not wait for a model conversion.
@@ -73,8 +73,8 @@ def prepare_serve_argv(argv: Sequence[str]) -> list[str]:
 
 
 def serve(argv: Sequence[str]) -> int:
-    from sglang_holes.patches.hooks import verify
-    from sglang_holes.patches.version import check_sglang_version
+    from sglang_holes.patches.launch.hooks import verify
+    from sglang_holes.patches.launch.version import check_sglang_version
 
     check_sglang_version()
     argv = prepare_serve_argv(argv)
@@ -86,7 +86,7 @@ def serve(argv: Sequence[str]) -> int:
 
     load_plugins()
     server_args = prepare_server_args(argv)
-    from sglang_holes.patches.server_args import refusal
+    from sglang_holes.patches.launch.server_args import refusal
 
     if (why := refusal(server_args)) is not None:
         raise UnsupportedConfigError(why)
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cmd == "version":
             from importlib import metadata
 
-            from sglang_holes.patches.version import SUPPORTED_SGLANG, installed_sglang_version
+            from sglang_holes.patches.launch.version import SUPPORTED_SGLANG, installed_sglang_version
 
             print(f"sglang-holes {metadata.version('sglang-holes')} (supports sglang=={SUPPORTED_SGLANG}; "
                   f"installed: {installed_sglang_version()})")
@@ -132,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sglang-holes: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as e:
-        from sglang_holes.patches.hooks import ContractError
-        from sglang_holes.patches.version import UnsupportedSGLangError
+        from sglang_holes.patches.launch.hooks import ContractError
+        from sglang_holes.patches.launch.version import UnsupportedSGLangError
 
         if isinstance(e, UnsupportedSGLangError | ContractError):
             print(f"sglang-holes: error: {e}", file=sys.stderr)

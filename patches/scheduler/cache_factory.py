@@ -13,10 +13,10 @@ from typing import Any
 from sglang_holes.cache.recompute_cost import RecomputeCost
 from sglang_holes.chunks.rope import RopeSpec, UnsupportedRopeError
 from sglang_holes.config import HolesConfig
-from sglang_holes.patches.metrics import HoleMetrics
-from sglang_holes.patches.radix_cache import HoleRadixCache
-from sglang_holes.patches.radix_cache_chunks import ChunkReuse, probe_loader_for
-from sglang_holes.patches.server_args import refusal
+from sglang_holes.patches.launch.server_args import refusal
+from sglang_holes.patches.scheduler.chunk_reuse import ChunkReuse, probe_loader_for
+from sglang_holes.patches.scheduler.radix_cache import HoleRadixCache
+from sglang_holes.patches.serving.metrics import HoleMetrics
 
 logger = logging.getLogger("sglang_holes")
 

@@ -31,7 +31,7 @@ def around_rpc(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwarg
         return original(scheduler, recv_req, *args, **kwargs)
     from sglang.srt.managers.io_struct import RpcReqOutput
 
-    from sglang_holes.patches.radix_cache import HoleRadixCache
+    from sglang_holes.patches.scheduler.radix_cache import HoleRadixCache
 
     tree = scheduler.tree_cache
     p = recv_req.parameters or {}

@@ -62,7 +62,7 @@ def audit_scheduler(scheduler: Any) -> AuditReport:
 
 
 def before_get_next_batch_to_run(scheduler: Any, *_: Any, **__: Any) -> None:
-    from sglang_holes.patches.radix_cache import HoleRadixCache
+    from sglang_holes.patches.scheduler.radix_cache import HoleRadixCache
 
     cache = getattr(scheduler, "tree_cache", None)
     if not isinstance(cache, HoleRadixCache) or not cache.config.check_integrity:

@@ -28,7 +28,7 @@ PLATFORM_NAME = "holes_cpu"
 # The class lives in its own module: SGLang imports this entry-point module while it
 # is itself resolving the platform, and importing sglang's platform modules from
 # here at that moment is circular.
-PLATFORM_CLASS = "sglang_holes.patches.cpu_platform.HolesCpuPlatform"
+PLATFORM_CLASS = "sglang_holes.patches.launch.cpu_platform.HolesCpuPlatform"
 
 
 def activate() -> str | None:

@@ -1,6 +1,6 @@
 """``HolesCpuPlatform``: SGLang's in-tree CPU platform, marked out-of-tree.
 
-See ``sglang_holes.patches.platform`` for why this exists and when it is active.
+See ``sglang_holes.patches.launch.platform`` for why this exists and when it is active.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ BACKEND_NAME = "holes"  # --radix-cache-backend holes
 
 
 class HookSpec(NamedTuple):
-    """``kind`` (before | after | around) hook ``hook`` ("module:function" in
+    """``kind`` (before | after | around) hook ``hook`` ("package.module:function" in
     ``sglang_holes.patches``) on ``target``, whose first parameters must be ``params``."""
 
     target: str
@@ -61,34 +61,34 @@ class Attributes(NamedTuple):
 _SB = "sglang.srt.managers.schedule_batch"
 HOOKS: tuple[HookSpec, ...] = (
     HookSpec(f"{_SB}.ScheduleBatch.prepare_for_extend", "after",
-             "schedule_batch:after_prepare_for_extend", ("self",)),
+             "scheduler.extend:after_prepare_for_extend", ("self",)),
     HookSpec("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "after",
-             "forward_batch:after_init_new", ("cls", "batch")),
+             "attention.forward_batch:after_init_new", ("cls", "batch")),
     HookSpec("sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run", "before",
-             "pool_audit:before_get_next_batch_to_run", ("self", "running_batch", "last_batch")),
+             "scheduler.pool_audit:before_get_next_batch_to_run", ("self", "running_batch", "last_batch")),
     HookSpec("sglang.srt.managers.scheduler.Scheduler.handle_rpc_request", "around",
-             "scheduler_rpc:around_rpc", ("self", "recv_req")),
+             "serving.rpc:around_rpc", ("self", "recv_req")),
     HookSpec("sglang.srt.managers.scheduler.Scheduler.init_ipc_channels", "after",
-             "scheduler_rpc:after_init_ipc_channels", ("self", "port_args")),
+             "serving.rpc:after_init_ipc_channels", ("self", "port_args")),
     HookSpec("sglang.srt.managers.scheduler_components.output_streamer."
              "SchedulerOutputStreamer.is_request_level_customized_info_key", "around",
-             "meta_info:around_is_request_level", ("self", "key")),
+             "serving.meta_info:around_is_request_level", ("self", "key")),
     HookSpec("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", "around",
-             "meta_info:around_update_meta", ("self", "meta_info", "state", "customized_info", "index",
+             "serving.meta_info:around_update_meta", ("self", "meta_info", "state", "customized_info", "index",
                                               "finish_reason")),
     HookSpec("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", "after",
-             "tokenizer_manager:after_validate", ("self", "obj", "input_ids")),
+             "serving.entry:after_validate", ("self", "obj", "input_ids")),
     HookSpec("sglang.srt.managers.io_struct.GenerateReqInput._normalize_kv_hints", "before",
-             "tokenizer_manager:before_normalize_kv_hints", ("self", "num")),
+             "serving.entry:before_normalize_kv_hints", ("self", "num")),
     HookSpec("sglang.srt.entrypoints.http_server._setup_and_run_http_server", "before",
-             "http_server:before_setup", ("server_args", "tokenizer_manager", "template_manager", "port_args")),
+             "serving.http_server:before_setup", ("server_args", "tokenizer_manager", "template_manager", "port_args")),
     HookSpec("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._convert_to_internal_request", "after",
-             "openai_chat:after_convert_to_internal_request", ("self", "request", "raw_request")),
+             "serving.openai_chat:after_convert_to_internal_request", ("self", "request", "raw_request")),
     HookSpec("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._build_chat_response", "after",
-             "openai_chat:after_build_chat_response", ("self", "request", "ret")),
+             "serving.openai_chat:after_build_chat_response", ("self", "request", "ret")),
     HookSpec("sglang.srt.managers.scheduler_components.internal_state."
              "SchedulerInternalStateController.get_internal_state", "after",
-             "internal_state:after_get_internal_state", ("self",)),
+             "serving.internal_state:after_get_internal_state", ("self",)),
 )
 
 _ATTN = "sglang.srt.layers.attention"

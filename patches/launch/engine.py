@@ -4,12 +4,12 @@ Differences from ``sglang.Engine``, each yielding to an explicit argument:
 * the SGLang version is checked first (another release is refused);
 * ``model_path`` defaults to the embedded SmolLM2-135M-Instruct (prepared on first use);
   a given local folder is validated before SGLang sees it;
-* the defaults table of ``patches/server_args.py`` applies: ``radix_cache_backend`` ``holes``
+* the defaults table of ``patches/launch/server_args.py`` applies: ``radix_cache_backend`` ``holes``
   (pass ``None`` for SGLang's own cache), the plain-CPU settings without a GPU;
-* every SGLang target of ``patches/hooks.py`` is checked first (a moved one refuses to start);
+* every SGLang target of ``patches/launch/hooks.py`` is checked first (a moved one refuses to start);
 * ``evict_span(input_ids, start, end)`` drops the KV of a span of a cached prompt;
 * ``generate(prompt_chunks=[...], chunk_policy=...)`` sends a RAG prompt as chunks whose
-  KV is reused at any position (``patches/radix_cache_chunks.py``).
+  KV is reused at any position (``patches/scheduler/chunk_reuse.py``).
 
 As with ``sglang.Engine``, ``shutdown()`` ends every SGLang subprocess of the calling
 process (SGLang kills the whole child tree), other engines of that process included:
@@ -25,8 +25,10 @@ from sglang.srt.entrypoints.engine import Engine as SGLangEngine
 
 from sglang_holes.chunks.hints import ChunkedPrompt, build_chunked_prompt
 from sglang_holes.model import resolve_model_path
-from sglang_holes.patches.hooks import verify
-from sglang_holes.patches.scheduler_rpc import (
+from sglang_holes.patches.launch.hooks import verify
+from sglang_holes.patches.launch.server_args import apply_engine_defaults, refusal
+from sglang_holes.patches.launch.version import check_sglang_version
+from sglang_holes.patches.serving.rpc import (
     CHUNK_KV,
     RankChannels,
     call_evict_span,
@@ -34,8 +36,6 @@ from sglang_holes.patches.scheduler_rpc import (
     evict_span_params,
     rank_endpoints,
 )
-from sglang_holes.patches.server_args import apply_engine_defaults, refusal
-from sglang_holes.patches.version import check_sglang_version
 
 
 class Engine(SGLangEngine):
@@ -105,7 +105,7 @@ class Engine(SGLangEngine):
         params = evict_span_params(input_ids, start, end, extra_key, cache_salt)
         if self.server_args.dp_size <= 1:
             return call_evict_span(self.send_to_rpc, params)
-        # Data parallelism: every rank has an RPC endpoint of its own (patches/scheduler_rpc.py).
+        # Data parallelism: every rank has an RPC endpoint of its own (patches/serving/rpc.py).
         if self._holes_ranks is None:
             self._holes_ranks = RankChannels()
         return self._holes_ranks.evict_span(rank_endpoints(self.get_server_info()["internal_states"]), params)

@@ -1,12 +1,12 @@
 """Hole-aware FlashInfer attention backend (GPU).
 
-Registered over ``ATTENTION_BACKENDS["flashinfer"]`` by ``patches/plugin.py`` (which
+Registered over ``ATTENTION_BACKENDS["flashinfer"]`` by ``patches/launch/plugin.py`` (which
 imports this module only when such a backend is built: importing SGLang's FlashInfer
 backend takes seconds); the factory returns the stock backend unless the server runs
 the ``holes`` radix cache.
 
 For an extend batch with holes, ``init_forward_metadata`` plans SGLang's own paged
-prefill wrapper ONCE with the batch's hole metadata (``patches/forward_batch.py``:
+prefill wrapper ONCE with the batch's hole metadata (``patches/attention/forward_batch.py``:
 compacted queries, original positions through either a custom mask or one causal
 request per span run) and sets ``PrefillMetadata(use_ragged=False)``; SGLang's stock
 ``forward_extend`` then writes every missing token's K/V into its slot and runs the
@@ -16,7 +16,7 @@ never used for hole batches: it would attend to the new tokens only.
 Path selection (``custom_mask`` | ``spans`` | ``auto``): ``HolesConfig.attention_path``.
 Models that need several wrappers (sliding-window or cross-attention layers),
 multi-item scoring and FP4 KV dequant workspaces cannot run hole batches; the radix
-cache does not build hole batches for them (``patches/radix_cache.py``), and a hole
+cache does not build hole batches for them (``patches/scheduler/radix_cache.py``), and a hole
 batch that reaches such a backend anyway is an error, never a silent wrong answer.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend, PrefillMetadata
 
 from sglang_holes.config import HolesConfig
-from sglang_holes.patches.forward_batch import FlashInferHolePrefill, flashinfer_hole_prefill
+from sglang_holes.patches.attention.forward_batch import FlashInferHolePrefill, flashinfer_hole_prefill
 
 
 def plan_hole_batch(backend: FlashInferAttnBackend, forward_batch: Any, path: str) -> FlashInferHolePrefill | None:

@@ -1,7 +1,7 @@
 """The SGLang release sglang-holes supports, and the start-up check that enforces it.
 
 Every patch here is written against SGLang 0.5.23's internals (the touch-points are
-listed in ``patches/hooks.py``; docs/sglang-integration.md); another release may move
+listed in ``patches/launch/hooks.py``; docs/sglang-integration.md); another release may move
 them silently, so start-up refuses it instead of guessing.
 """
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from sglang_holes.cache.node import Node, Segment
-from sglang_holes.patches.request_holes import holes_of
+from sglang_holes.patches.scheduler.request_holes import holes_of
 
 
 def _lead(cache: Any, req: Any) -> int:

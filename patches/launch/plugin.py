@@ -19,8 +19,8 @@ from typing import Any
 
 from sglang_holes.cache.eviction import EVICTION_POLICIES
 from sglang_holes.config import HolesConfig
-from sglang_holes.patches.hooks import BACKEND_NAME, register_hooks
-from sglang_holes.patches.version import UnsupportedSGLangError, check_sglang_version
+from sglang_holes.patches.launch.hooks import BACKEND_NAME, register_hooks
+from sglang_holes.patches.launch.version import UnsupportedSGLangError, check_sglang_version
 
 logger = logging.getLogger("sglang_holes")
 
@@ -34,15 +34,15 @@ def load() -> None:
     from sglang.srt.mem_cache.registry import register_radix_cache_backend
 
     def holes_factory(ctx):  # imported on use: only a process that builds the cache pays for it
-        from sglang_holes.patches.cache_factory import factory
+        from sglang_holes.patches.scheduler.cache_factory import factory
 
         return factory(ctx)
 
     register_radix_cache_backend(BACKEND_NAME, holes_factory)
     _add_eviction_policy_choices()
-    _wrap_attention_backend("torch_native", "sglang_holes.patches.torch_native_backend:HoleTorchNativeAttnBackend")
-    _wrap_attention_backend("flashinfer", "sglang_holes.patches.flashinfer_backend:HoleFlashInferAttnBackend")
-    _wrap_attention_backend("fa3", "sglang_holes.patches.fa3_backend:HoleFlashAttentionBackend")
+    _wrap_attention_backend("torch_native", "sglang_holes.patches.attention.torch_native:HoleTorchNativeAttnBackend")
+    _wrap_attention_backend("flashinfer", "sglang_holes.patches.attention.flashinfer:HoleFlashInferAttnBackend")
+    _wrap_attention_backend("fa3", "sglang_holes.patches.attention.fa3:HoleFlashAttentionBackend")
     # Every hook acts only on servers that select --radix-cache-backend holes (or is read-only).
     register_hooks()
 

@@ -16,9 +16,9 @@ from typing import Any
 from sglang_holes.chunks.hints import SCORED
 from sglang_holes.chunks.llama_stack import check_supported
 from sglang_holes.chunks.rope import RopeSpec
-from sglang_holes.patches.hooks import BACKEND_NAME
-from sglang_holes.patches.kv_hints import find_chunk_hints
-from sglang_holes.patches.scheduler_rpc import check_token_ids
+from sglang_holes.patches.launch.hooks import BACKEND_NAME
+from sglang_holes.patches.serving.kv_hints import find_chunk_hints
+from sglang_holes.patches.serving.rpc import check_token_ids
 
 
 def before_normalize_kv_hints(obj: Any, num: Any, *args: Any, **kwargs: Any) -> None:
@@ -46,7 +46,7 @@ def after_validate(result: Any, manager: Any, obj: Any, input_ids: Any, *_: Any,
         raise ValueError("sglang_holes.chunks hints need the holes radix cache (--radix-cache-backend holes, "
                          "radix cache enabled)")
     hints.check_length(len(input_ids or []))
-    from sglang_holes.patches.cache_factory import HOLE_BACKENDS, quantized_kv
+    from sglang_holes.patches.scheduler.cache_factory import HOLE_BACKENDS, quantized_kv
 
     if (why := quantized_kv(manager.server_args)) is not None:
         raise ValueError(f"sglang_holes.chunks hints cannot be served here: {why}")

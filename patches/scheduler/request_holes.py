@@ -15,7 +15,7 @@ from sglang_holes.cache.node import Segment
 from sglang_holes.chunks.hints import ChunkHints
 from sglang_holes.chunks.placement import ChunkFill
 from sglang_holes.chunks.state import ChunkState
-from sglang_holes.patches.kv_hints import find_chunk_hints
+from sglang_holes.patches.serving.kv_hints import find_chunk_hints
 
 ATTR = "holes"
 

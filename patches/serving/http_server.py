@@ -21,8 +21,8 @@ from typing import Any
 from fastapi import Request  # module level: FastAPI resolves the (string) annotation here
 from fastapi.responses import ORJSONResponse
 
-from sglang_holes.patches.hooks import BACKEND_NAME
-from sglang_holes.patches.scheduler_rpc import RankChannels, evict_span_params, rank_endpoints
+from sglang_holes.patches.launch.hooks import BACKEND_NAME
+from sglang_holes.patches.serving.rpc import RankChannels, evict_span_params, rank_endpoints
 
 ROUTE = "/holes/evict"
 

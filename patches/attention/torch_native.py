@@ -1,10 +1,10 @@
 """Hole-aware torch_native attention backend (CPU).
 
 Registered over ``ATTENTION_BACKENDS["torch_native"]`` in SGLang's attention-backend
-registry (``patches/plugin.py``); the factory returns the stock backend unless the server
+registry (``patches/launch/plugin.py``); the factory returns the stock backend unless the server
 runs the ``holes`` radix cache, so installing sglang-holes changes nothing for anyone else.
 
-For an extend batch that carries a ``HolePlan`` (``patches/schedule_batch.py``) each layer
+For an extend batch that carries a ``HolePlan`` (``patches/scheduler/extend.py``) each layer
 writes the K/V of every missing token into its slot first, then computes attention for
 the compacted queries only, through ``sglang_holes.segmented_attention`` (``sdpa``: torch's
 fused SDPA with the plan's mask, tested against the pure-torch reference; every query
@@ -22,7 +22,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_holes.attention.sdpa import sdpa_attention
 from sglang_holes.config import HolesConfig
-from sglang_holes.patches.forward_batch import BatchHolePlan, hole_plan_from_positions
+from sglang_holes.patches.attention.forward_batch import BatchHolePlan, hole_plan_from_positions
 
 
 class HoleTorchNativeAttnBackend(TorchNativeAttnBackend):

@@ -1,7 +1,7 @@
 """Chunk mode of the ``holes`` radix cache: RAG document KV reused at any position.
 
 A request whose ``kv_hints`` carry a ``sglang_holes.chunks`` action (validated at
-entry, ``patches/tokenizer_manager.py``) runs in chunk mode:
+entry, ``patches/serving/entry.py``) runs in chunk mode:
 
 * ``match`` (from ``HoleRadixCache.match_prefix``, before SGLang admits the request) looks
   up each chunk by content in the request's namespace (extra key, cache salt), and plans
@@ -12,7 +12,7 @@ entry, ``patches/tokenizer_manager.py``) runs in chunk mode:
   rest as the extend (virtual order, ``patches/request_holes.HoleFill``), so it budgets,
   chunks (chunked prefill) and allocates only those; its admission lock on the returned
   ``ChunkMatch`` pins the entries read.
-* each extend (``patches/schedule_batch.py``) copies its copied positions with K re-rotated
+* each extend (``patches/scheduler/extend.py``) copies its copied positions with K re-rotated
   by the position delta (``copy_in``) and computes the rest;
 * the exact tree is never read nor written (chunk KV is approximate): ``checkpoint`` hands
   chunks the request computed to the store instead (``store_computed``).
@@ -40,7 +40,7 @@ from sglang_holes.chunks.state import ChunkState
 from sglang_holes.chunks.store import ChunkEntry, ChunkStore
 from sglang_holes.config import SINK_TOKENS
 from sglang_holes.hf_config import attention_dims
-from sglang_holes.patches.request_holes import HoleFill, holes_of
+from sglang_holes.patches.scheduler.request_holes import HoleFill, holes_of
 
 logger = logging.getLogger("sglang_holes")
 
