@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from sglang_holes import AttentionParams, FlashInferHoleAttention, HolePlan, choose_path, segmented_attention
+from sglang_holes.attention import KVCache
 
 HQ, HKV, D = 32, 8, 128
 
@@ -75,7 +76,7 @@ def bench_gpu(n: int, k: int, length: int, cache: dict) -> dict:
     row: dict = {"n": n, "k": k, "len": length, "m": plan.num_queries}
     # Check every path against the fp32 reference where its [Hq, m, L] scores fit comfortably.
     small = plan.num_queries * plan.kv_len(0) <= 3e7
-    ref = segmented_attention(q.float(), kc.float(), vc.float(), slots, plan, "reference") if small else None
+    ref = segmented_attention(q.float(), KVCache(kc.float(), vc.float(), slots), plan, "reference") if small else None
     for path in ("per_span", "custom_mask", "spans"):
         if path == "custom_mask" and plan.num_queries * plan.kv_len(0) > 2e9:
             row[path] = float("nan")  # the boolean mask alone would not fit
@@ -181,7 +182,7 @@ def cpu_check() -> None:
         qfull = torch.randn(n, HQ, D)
         q = qfull[plan.q_positions]
         t0 = time.perf_counter()
-        segmented_attention(q, kc, vc, [torch.arange(n)], plan, "reference")
+        segmented_attention(q, KVCache(kc, vc, [torch.arange(n)]), plan, "reference")
         t1 = time.perf_counter()
         torch.nn.functional.scaled_dot_product_attention(
             qfull.transpose(0, 1), kc.transpose(0, 1).repeat_interleave(HQ // HKV, 0),

@@ -54,6 +54,7 @@ if str(REPO) not in sys.path:
 from bench_attention import HKV, HQ, D, cuda_median_ms, even_holes, write_outputs  # noqa: E402
 
 from sglang_holes import AttentionParams, FlashInferHoleAttention, HolePlan, choose_path, segmented_attention  # noqa: E402
+from sglang_holes.attention import KVCache, Scoring  # noqa: E402
 from tests.holes_data import rel_err  # noqa: E402
 from tests.test_gpu_flashinfer import (  # noqa: E402
     ATTN_EXTRAS,
@@ -429,7 +430,8 @@ def run_correctness(cases: list[dict], dev: torch.device, state: dict, records: 
         dt = DTYPES[c["dtype"]]
         plan, q, kc, vc, slots = make_gpu_inputs(seq_lens, holes, c["page_size"], dt, seed=c["idx"], device=dev)
         attn = c["attn"]
-        ref = segmented_attention(q.float(), kc.float(), vc.float(), slots, plan, "reference", **attn)
+        ref = segmented_attention(q.float(), KVCache(kc.float(), vc.float(), slots), plan, "reference",
+                                  scoring=Scoring(**attn))
         torch.cuda.synchronize()
         kv_bytes = torch.empty((), dtype=dt).element_size()
         parts = []
@@ -437,7 +439,7 @@ def run_correctness(cases: list[dict], dev: torch.device, state: dict, records: 
             pick = choose_path(plan, HQ, HKV, D, kv_bytes) if backend == "auto" else backend
             rec = {k: v for k, v in c.items() if k != "idx"} | {"m": plan.num_queries, "backend": backend,
                                                                  "pick": pick}
-            rec.update(_attempt(ref, q, kc, vc, slots, plan, backend, **attn))
+            rec.update(_attempt(ref, q, KVCache(kc, vc, slots), plan, backend, scoring=Scoring(**attn)))
             records.append(rec)
             cell = f"{rec['err']:.1e}" if rec["err"] is not None else "error"
             parts.append(f"{backend}{'(' + pick + ')' if backend == 'auto' else ''} {cell}"
@@ -490,7 +492,7 @@ def run_bench(configs: list[tuple[int, int, int]], dev: torch.device, state: dic
         kc, vc, qfull = cache[n]
         slots = [torch.arange(n)]
         q = qfull[plan.q_positions.to(dev)]
-        ref = (segmented_attention(q.float(), kc.float(), vc.float(), slots, plan, "reference")
+        ref = (segmented_attention(q.float(), KVCache(kc.float(), vc.float(), slots), plan, "reference")
                if m * L <= REF_LIMIT else None)
         for path in ("per_span", "custom_mask", "spans"):
             if path == "custom_mask" and m * L > MASK_LIMIT:

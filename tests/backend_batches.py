@@ -14,6 +14,8 @@ import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
+from sglang_holes.attention.batch_holes import BatchHoles
+
 HQ, HKV, D, LAYERS, POOL = 4, 2, 16, 2, 1024
 ROWS = (5, 2, 7)  # req_to_token rows of the batch's sequences (out of order on purpose)
 
@@ -36,6 +38,7 @@ class HoleBatch:
     pool: MHATokenToKVPool
     req_to_token: torch.Tensor
     fb: ForwardBatch
+    holes: BatchHoles  # what the extend hook's commit step hands to the forward and the backend
     k_full: list[list[torch.Tensor]]  # [sequence][layer] -> [n, HKV, D]: every position's K
     v_full: list[list[torch.Tensor]]
 
@@ -90,7 +93,10 @@ def hole_batch(seq_lens: list[int], missing: list[list[tuple[int, int]]], seed: 
         extend_seq_lens=torch.tensor(m, dtype=torch.int32),
         extend_prefix_lens=torch.tensor([n - k for n, k in zip(seq_lens, m, strict=True)], dtype=torch.int32),
     )
-    return HoleBatch(pool, req_to_token, fb, k_full, v_full)
+    # A request is a fill unless its queries are its plain tail (the commit step's rule: a stock extend).
+    fills = sum(spans != [(n - k, n)] for n, k, spans in zip(seq_lens, m, missing, strict=True))
+    holes = BatchHoles.build(rows, seq_lens, positions, fills)
+    return HoleBatch(pool, req_to_token, fb, holes, k_full, v_full)
 
 
 def oracle(batch: HoleBatch, q: torch.Tensor, layer: int, scale: float, window_left: int = -1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_holes.cache.extend_plan import missing_positions, plan_hole_chunk
+from sglang_holes.cache.extend_plan import missing_positions, plan_piece
 from sglang_holes.cache.node import Segment
 from sglang_holes.chunks.hints import ChunkHints, recompute_mask, reused_count
 from sglang_holes.chunks.placement import plan_chunk_fill
@@ -21,7 +21,7 @@ def test_missing_positions_and_one_extend_for_the_whole_request():
             Segment(9, 11, None)]
     missing = missing_positions(segs, 12)
     assert missing.tolist() == [3, 4, 9, 10, 11]
-    chunk = plan_hole_chunk(missing, 0, 5)
+    chunk = plan_piece(missing, 0, 5)
     assert chunk.first and chunk.last and chunk.positions.tolist() == [3, 4, 9, 10, 11]
     assert chunk.spans == ((3, 5), (9, 12)) and chunk.uncomputed == ()
 
@@ -32,7 +32,7 @@ def test_chunked_prefill_over_holes_takes_missing_tokens_in_position_order():
     assert missing.tolist() == [0, 1, 6, 7, 8, 12, 13]
     chunks, done = [], 0
     for size in (3, 3, 1):  # SGLang's chunk budget of 3 tokens
-        chunks.append(plan_hole_chunk(missing, done, size))
+        chunks.append(plan_piece(missing, done, size))
         done += size
     assert [c.positions.tolist() for c in chunks] == [[0, 1, 6], [7, 8, 12], [13]]
     assert [c.uncomputed for c in chunks] == [((7, 9), (12, 14)), ((13, 14),), ()]
@@ -44,12 +44,12 @@ def test_chunked_prefill_over_holes_takes_missing_tokens_in_position_order():
             assert all(q in before or q in c.positions.tolist() or q not in missing.tolist() for q in range(p))
 
 
-def test_hole_chunk_bounds():
+def test_prefill_piece_bounds():
     missing = torch.arange(4)
     with pytest.raises(ValueError, match="an extend of 5"):
-        plan_hole_chunk(missing, 0, 5)
+        plan_piece(missing, 0, 5)
     with pytest.raises(ValueError):
-        plan_hole_chunk(missing, 4, 1)
+        plan_piece(missing, 4, 1)
 
 
 def _fill():
@@ -78,7 +78,7 @@ def test_chunk_fill_in_virtual_order_copies_then_computes_each_extend():
     fill = _fill()
     pieces, done = [], 0
     for size in (3, 2, 2):
-        pieces.append(plan_hole_chunk(fill.order, done, size, fill.copied))
+        pieces.append(plan_piece(fill.order, done, size, fill.copied))
         done += size
     assert [p.positions.tolist() for p in pieces] == [[0, 1, 3], [4, 5], [6, 7]]
     assert [p.queries.tolist() for p in pieces] == [[0, 1, 3], [5], [6, 7]]  # [4, 5]: no query: 5 computed

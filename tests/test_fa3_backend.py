@@ -55,6 +55,7 @@ def _backend(fa3, hb: HoleBatch, page_size: int, **overrides):
     attrs.update(overrides)
     for k, v in attrs.items():
         setattr(b, k, v)
+    b.receive(hb.holes)  # what the ForwardBatch hook does before SGLang plans the forward
     return b
 
 
@@ -117,11 +118,11 @@ def test_run_metadata(fa3):
 def test_batches_without_holes_keep_sglangs_metadata(fa3):
     hb = hole_batch([10, 7], [[(4, 10)], [(0, 7)]], seed=5)
     backend = _backend(fa3, hb, 1)
-    assert fa3.ours.plan_hole_batch(backend, hb.fb) is None
+    assert fa3.ours.plan_hole_batch(backend, hb.fb, hb.holes) is None
     backend.init_forward_metadata(hb.fb)
     assert backend.forward_metadata.cu_seqlens_q.tolist() == [0, 6, 13]  # SGLang's own: one per request
     hb.fb.forward_mode = ForwardMode.DECODE
-    assert fa3.ours.plan_hole_batch(backend, hb.fb) is None
+    assert fa3.ours.plan_hole_batch(backend, hb.fb, hb.holes) is None
 
 
 @pytest.mark.parametrize("override, why", [
@@ -136,7 +137,7 @@ def test_hole_batch_on_an_unsupported_fa3_backend_is_an_error(fa3, override, why
     fa3.stock.FlashAttentionBackend.init_forward_metadata(_backend(fa3, hb, 1), hb.fb)
     backend.forward_metadata = SimpleNamespace(page_table=torch.zeros(1, 12, dtype=torch.int32))
     with pytest.raises(RuntimeError, match=why):
-        fa3.ours.plan_hole_batch(backend, hb.fb)
+        fa3.ours.plan_hole_batch(backend, hb.fb, hb.holes)
 
 
 def test_interpreter_refuses_what_it_does_not_model():

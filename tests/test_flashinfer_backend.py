@@ -65,6 +65,7 @@ def test_sglang_forward_extend_on_hole_batches_matches_oracle(path, case, page_s
     seq_lens, missing = CASES[case]
     hb = hole_batch(seq_lens, missing, seed=len(case), page_size=page_size)
     backend = _backend(hb.req_to_token, hb.pool, path, page_size=page_size)
+    backend.receive(hb.holes)  # what the ForwardBatch hook does before SGLang plans the forward
     backend.init_forward_metadata(hb.fb)  # the subclass method: plans the hole batch, never the stock path
     meta = backend.forward_metadata
     assert isinstance(meta, PrefillMetadata) and meta.use_ragged is False
@@ -86,7 +87,7 @@ def test_plan_keywords_for_the_custom_mask_path():
     """The exact plan() inputs: one request per sequence, queries = missing tokens,
     KV = [0, seq_len), boolean mask j <= pos (FlashInfer packs it: never pre-packed)."""
     hb = hole_batch([12], [[(2, 4), (11, 12)]], seed=3)
-    prefill = plan_hole_batch(_backend(hb.req_to_token, hb.pool, "custom_mask"), hb.fb, "custom_mask")
+    prefill = plan_hole_batch(_backend(hb.req_to_token, hb.pool, "custom_mask"), hb.fb, hb.holes, "custom_mask")
     kw = prefill.plan_kwargs
     assert kw["qo_indptr"].tolist() == [0, 3] and kw["paged_kv_indptr"].tolist() == [0, 12]
     assert kw["paged_kv_indices"].tolist() == hb.req_to_token[5, :12].tolist()
@@ -100,7 +101,7 @@ def test_plan_keywords_for_the_custom_mask_path():
 def test_plan_keywords_for_the_span_path():
     """One causal request per run of spans: KV = [0, end), bottom-right alignment = original positions."""
     hb = hole_batch([12], [[(2, 4), (11, 12)]], seed=3)
-    kw = plan_hole_batch(_backend(hb.req_to_token, hb.pool, "spans"), hb.fb, "spans").plan_kwargs
+    kw = plan_hole_batch(_backend(hb.req_to_token, hb.pool, "spans"), hb.fb, hb.holes, "spans").plan_kwargs
     assert kw["qo_indptr"].tolist() == [0, 2, 3]
     assert kw["paged_kv_indptr"].tolist() == [0, 4, 16]
     assert kw["causal"] is True and "custom_mask" not in kw
@@ -109,13 +110,13 @@ def test_plan_keywords_for_the_span_path():
 def test_batches_without_holes_take_the_stock_path():
     hb = hole_batch([10, 7], [[(4, 10)], [(0, 7)]], seed=5)
     backend = _backend(hb.req_to_token, hb.pool, "auto")
-    assert plan_hole_batch(backend, hb.fb, "auto") is None
+    assert plan_hole_batch(backend, hb.fb, hb.holes, "auto") is None
     assert backend.prefill_wrappers_paged[0]._plan is None  # nothing planned
     hb.fb.forward_mode = ForwardMode.DECODE
-    assert plan_hole_batch(backend, hb.fb, "auto") is None
+    assert plan_hole_batch(backend, hb.fb, hb.holes, "auto") is None
 
 
 def test_hole_batch_on_an_unsupported_backend_is_an_error():
     hb = hole_batch([12], [[(2, 4), (11, 12)]], seed=3)
     with pytest.raises(RuntimeError, match="cannot run it"):
-        plan_hole_batch(_backend(hb.req_to_token, hb.pool, "spans", num_wrappers=2), hb.fb, "spans")
+        plan_hole_batch(_backend(hb.req_to_token, hb.pool, "spans", num_wrappers=2), hb.fb, hb.holes, "spans")

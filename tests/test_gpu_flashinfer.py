@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sglang_holes import HolePlan, segmented_attention
+from sglang_holes.attention import KVCache, Scoring
 from tests.holes_data import rel_err
 
 pytestmark = [
@@ -39,14 +40,15 @@ TOL = 1e-2
 HQ, HKV, D = 32, 8, 128
 
 
-def make_gpu_inputs(seq_lens, holes, page_size, dtype, seed, device, Hq=HQ, Hkv=HKV, D=D):
-    """``(plan, q, k_cache, v_cache, slot_table)`` with random data made on ``device``.
+def make_gpu_inputs(seq_lens, holes, page_size, dtype, seed, device, heads=(HQ, HKV, D)):
+    """``(plan, q, k_cache, v_cache, slot_table)`` with random data made on ``device``; ``heads``: (Hq, Hkv, D).
 
     The same layout as ``tests.holes_data.make_batch`` (pages of each sequence drawn from
     a random permutation, two spare pages of garbage) without its float64 dense oracle,
     which would need ~50 GB of host memory for the 8192-token case; the oracle here is
     the fp32 ``reference`` path, itself checked against the dense oracle on CPU.
     """
+    Hq, Hkv, D = heads
     gen = torch.Generator().manual_seed(seed)
     npages = [-(-n // page_size) for n in seq_lens]
     total_pages = sum(npages) + 2
@@ -70,8 +72,10 @@ def check_path(case, dtype, backend, page_size, attn=None, wrapper_factory=None)
     seq_lens, holes = CASES[case]
     plan, q, kc, vc, slots = make_gpu_inputs(seq_lens, holes, page_size, dtype, seed=case, device="cuda")
     attn = attn or {}
-    out = segmented_attention(q, kc, vc, slots, plan, backend, wrapper_factory=wrapper_factory, **attn)
-    ref = segmented_attention(q.float(), kc.float(), vc.float(), slots, plan, "reference", **attn)
+    out = segmented_attention(q, KVCache(kc, vc, slots), plan, backend, wrapper_factory=wrapper_factory,
+                              scoring=Scoring(**attn))
+    ref = segmented_attention(q.float(), KVCache(kc.float(), vc.float(), slots), plan, "reference",
+                              scoring=Scoring(**attn))
     assert out.shape == ref.shape and out.dtype == dtype
     return rel_err(out.float(), ref)
 

@@ -58,7 +58,7 @@ def test_a_request_whose_planning_fails_is_served_without_reuse(caplog):
     with cache.namespaces.tracked(tree):
         tree.insert([1, 2, 3, 4, 5, 6], torch.arange(1, 7))
         tree.evict_span([1, 2, 3, 4, 5, 6], 1, 3)  # a hole: [4, 6) lies beyond it
-    cache.hole_extend = True
+    cache.no_hole_batches = None  # the server's capabilities: hole batches run
     req = SimpleNamespace(rid="r-7", kv_hints=None, multimodal_inputs=None, input_embeds=None,
                           return_hidden_states=False, return_logprob=False, logprob_start_len=-1,
                           origin_input_ids=[1, 2, 3, 4, 5, 6, 7])

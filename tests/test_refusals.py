@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from sglang_holes.patches.launch import server_args as launch
-from sglang_holes.patches.scheduler.cache_factory import _neox_style, quantized_kv, why_no_hole_batches
+from sglang_holes.patches.launch.capabilities import check_runner, decide, quantized_kv
+from sglang_holes.patches.scheduler.cache_factory import _neox_style
 
 
 @pytest.mark.parametrize("settings, flag", [
@@ -62,8 +63,16 @@ def test_engine_refuses_before_starting(monkeypatch):
 def _ctx(backend: str = "flashinfer", **model: object) -> SimpleNamespace:
     runner = SimpleNamespace(sliding_window_size=model.pop("runner_window", None))
     return SimpleNamespace(server_args=SimpleNamespace(attention_backend=backend, prefill_attention_backend=None,
-                                                       kv_cache_dtype="auto"),
+                                                       kv_cache_dtype="auto", radix_cache_backend="holes"),
                            model_config=SimpleNamespace(**model), tp_worker=SimpleNamespace(model_runner=runner))
+
+
+def why_no_hole_batches(ctx: SimpleNamespace, hf: SimpleNamespace) -> str | None:
+    """The server's one capabilities decision, as the cache factory takes it (the runner's window included)."""
+    ctx.model_config.hf_text_config = SimpleNamespace(**vars(hf), to_dict=lambda: {"num_hidden_layers": 2})
+    caps = decide(ctx.server_args, ctx.model_config)
+    check_runner(caps, ctx.tp_worker.model_runner)
+    return caps.no_hole_batches
 
 
 def test_models_whose_hole_batches_would_be_wrong_take_the_stock_path():
@@ -74,8 +83,10 @@ def test_models_whose_hole_batches_would_be_wrong_take_the_stock_path():
     mla = SimpleNamespace(name="MLA")
     assert "MLA" in why_no_hole_batches(_ctx(attention_arch=mla), hf)
     assert "MLA" in why_no_hole_batches(_ctx("torch_native", attention_arch=mla), hf)
-    # a window the runner has although the HF config does not say so
-    assert "sliding-window" in why_no_hole_batches(_ctx(runner_window=4096), hf)
+    # a window the runner has although the HF config does not say so: refused at start (entry could not
+    # know it, and would accept hints the cache would serve without reuse)
+    with pytest.raises(ValueError, match="sliding-window"):
+        why_no_hole_batches(_ctx(runner_window=4096), hf)
     assert "cannot run hole batches" in why_no_hole_batches(_ctx("trtllm_mha"), hf)
     assert "cannot run hole batches" in why_no_hole_batches(_ctx("fa4"), hf)
 
@@ -118,14 +129,15 @@ def test_chunk_hints_are_refused_where_chunk_reuse_cannot_run():
     obj = SimpleNamespace(kv_hints=chunk_envelope([(0, 4)], "none"))
 
     def manager(kv: str = "auto", **model: object) -> SimpleNamespace:
-        return SimpleNamespace(server_args=SimpleNamespace(radix_cache_backend="holes", kv_cache_dtype=kv),
+        return SimpleNamespace(server_args=SimpleNamespace(radix_cache_backend="holes", kv_cache_dtype=kv,
+                                                           attention_backend="torch_native"),
                                model_config=SimpleNamespace(hf_text_config=hf, hf_config=hf, vocab_size=100,
                                                             **model))
 
     assert after_validate("ok", manager(), obj, [1, 2, 3, 4, 5]) == "ok"
     with pytest.raises(ValueError, match="quantized KV cache"):
         after_validate("ok", manager("fp8_e4m3"), obj, [1, 2, 3, 4, 5])
-    with pytest.raises(ValueError, match="3-D RoPE or MLA"):
+    with pytest.raises(ValueError, match=r"3-D RoPE \(mrope\)"):
         after_validate("ok", manager(model_is_mrope=True), obj, [1, 2, 3, 4, 5])
     paged = manager()
     paged.server_args.page_size = 16
@@ -136,6 +148,37 @@ def test_chunk_hints_are_refused_where_chunk_reuse_cannot_run():
     with pytest.raises(ValueError, match=r"attention backend \['trtllm_mha'\] cannot run hole batches"):
         after_validate("ok", trtllm, obj, [1, 2, 3, 4, 5])
 
+
+
+ENTRY_CASES = {  # server settings / model facts that keep hole batches (and so document reuse) off
+    "no attention backend": ({"attention_backend": None}, {}, "default cannot run hole batches"),
+    "trtllm_mha": ({"attention_backend": "trtllm_mha"}, {}, "cannot run hole batches"),
+    "FlashInfer, sliding window": ({"attention_backend": "flashinfer"}, {"sliding_window_size": 4096},
+                                   "sliding-window"),
+    "FA3, local attention": ({"attention_backend": "fa3"}, {"is_local_attention_model": True}, "local"),
+    "context parallelism": ({"attention_backend": "fa3", "attn_cp_size": 2}, {}, "context parallelism"),
+    "FA3, fp8 KV": ({"attention_backend": "fa3", "kv_cache_dtype": "fp8_e4m3"}, {}, "quantized KV cache"),
+    "MLA": ({"attention_backend": "torch_native"}, {"attention_arch": SimpleNamespace(name="MLA")}, "MLA"),
+}
+
+
+@pytest.mark.parametrize("case", list(ENTRY_CASES))
+def test_entry_and_cache_factory_read_one_decision(case):
+    """Every configuration where the cache cannot serve document hints refuses them at entry (HTTP 400)
+    with the reason the cache factory logs: one decision, read by both (issue 21 item 3)."""
+    from sglang_holes.chunks.hints import chunk_envelope
+    from sglang_holes.patches.serving.entry import after_validate
+
+    settings, model, reason = ENTRY_CASES[case]
+    hf = SimpleNamespace(to_dict=lambda: {"rope_theta": 10000.0, "hidden_size": 64, "num_attention_heads": 4})
+    args = SimpleNamespace(**{"radix_cache_backend": "holes", "kv_cache_dtype": "auto", **settings})
+    manager = SimpleNamespace(server_args=args, model_config=SimpleNamespace(hf_text_config=hf, vocab_size=100,
+                                                                             **model))
+    caps = decide(args, manager.model_config)  # what the cache factory builds the cache from
+    assert reason in caps.no_hole_batches and caps.no_chunk_reuse == caps.no_hole_batches
+    with pytest.raises(ValueError, match="cannot be served here") as refused:
+        after_validate("ok", manager, SimpleNamespace(kv_hints=chunk_envelope([(0, 4)], "none")), [1, 2, 3, 4, 5])
+    assert caps.no_chunk_reuse in str(refused.value)
 
 def test_interleaved_rope_is_detected_from_the_served_model():
     """Chunk re-rotation follows the model's own rotary layout (GPT-J style pairs when it says so)."""

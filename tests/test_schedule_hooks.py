@@ -17,9 +17,9 @@ def test_a_match_sglang_replaced_is_not_used():
     from sglang_holes.patches.scheduler.extend import _plan_request
 
     cache = _cache()
-    cache.hole_extend = True
+    cache.no_hole_batches = None  # the server's capabilities: hole batches run
     node = object()
-    fill = HoleFill(prefix_len=2, reused=6, segments=(Segment(0, 2, torch.arange(2)), Segment(2, 4, None),
+    fill = HoleFill(tree_owned=2, reused=6, segments=(Segment(0, 2, torch.arange(2)), Segment(2, 4, None),
                                                       Segment(4, 8, torch.arange(4, 8))), node=node)
     req = SimpleNamespace(holes=RequestHoles(None, fill=fill), prefix_len=0, last_node=cache.root_node,
                           full_untruncated_fill_ids=list(range(9)), rid="r",
@@ -52,11 +52,11 @@ def test_a_failed_chunk_copy_computes_those_positions_instead(caplog):
     """A per-request failure while copying chunk KV (placement) is that request's alone: its copied
     positions become queries (computed exactly into the same, own slots), logged with its rid and
     counted; the row, the ledger and the counters are as for any committed extend."""
-    from sglang_holes.cache.extend_plan import plan_hole_chunk
+    from sglang_holes.cache.extend_plan import plan_piece
     from sglang_holes.chunks.hints import ChunkHints
     from sglang_holes.chunks.placement import ChunkFill
     from sglang_holes.chunks.state import ChunkState
-    from sglang_holes.patches.scheduler.extend import _commit_fill_extend
+    from sglang_holes.patches.scheduler.extend import _commit_piece
 
     cache = _cache()
     # 8 positions: [0, 2) read in place, [2, 5) a moved chunk (copied, delta 5), [5, 8) computed
@@ -77,10 +77,10 @@ def test_a_failed_chunk_copy_computes_those_positions_instead(caplog):
                           kv=SimpleNamespace(req_pool_idx=1), full_untruncated_fill_ids=list(range(100, 108)),
                           retracted_stain=False, customized_info=None, cached_tokens=2)
     batch = SimpleNamespace(req_to_token_pool=SimpleNamespace(req_to_token=torch.zeros(2, 16, dtype=torch.int32)))
-    extend = plan_hole_chunk(plan.order, 0, 6, plan.copied)
+    extend = plan_piece(plan.order, 0, 6, plan.copied)
     assert extend.copies == 3
     with caplog.at_level("ERROR", logger="sglang_holes"):
-        ids, committed = _commit_fill_extend(cache, batch, req, extend, torch.arange(10, 16))
+        ids, committed = _commit_piece(cache, batch, req, extend, torch.arange(10, 16))
     assert committed.copies == 0 and committed.queries.tolist() == [2, 3, 4, 5, 6, 7]
     assert committed.spans == ((2, 8),) and ids.tolist() == list(range(102, 108))
     assert batch.req_to_token_pool.req_to_token[1, :8].tolist() == [40, 41, 10, 11, 12, 13, 14, 15]

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_holes import AttentionParams, FlashInferHoleAttention, segmented_attention
+from sglang_holes.attention import KVCache, Scoring
 from sglang_holes.attention.flashinfer_interpreter import InterpretedPrefillWrapper, interpret_plan, interpret_run
 from tests.holes_data import batches, make_batch, rel_err
 
@@ -18,6 +19,10 @@ from tests.holes_data import batches, make_batch, rel_err
 TOL = 1e-5
 FAST = settings(max_examples=60, deadline=None)
 
+
+
+def _kv(batch) -> KVCache:
+    return KVCache(batch.k_cache, batch.v_cache, batch.slot_table)
 
 def _interpreted(batch, path):
     kw = batch.plan.flashinfer_inputs(path, batch.slot_table)
@@ -30,7 +35,7 @@ def _interpreted(batch, path):
 @FAST
 @given(batches(), st.sampled_from(["reference", "sdpa"]))
 def test_cpu_paths_equal_dense_causal(batch, backend):
-    out = segmented_attention(batch.q, batch.k_cache, batch.v_cache, batch.slot_table, batch.plan, backend)
+    out = segmented_attention(batch.q, _kv(batch), batch.plan, backend)
     assert out.shape == batch.expected.shape
     assert rel_err(out, batch.expected) <= TOL
 
@@ -54,7 +59,7 @@ def test_runner_plan_run_with_interpreted_wrapper(batch, path):
     assert rel_err(out, batch.expected) <= TOL
     # plan once, run per layer: a second layer's data through the same plan
     out2 = runner.run(batch.q * 0.5, batch.k_cache, batch.v_cache)
-    ref2 = segmented_attention(batch.q * 0.5, batch.k_cache, batch.v_cache, batch.slot_table, batch.plan, "reference")
+    ref2 = segmented_attention(batch.q * 0.5, _kv(batch), batch.plan, "reference")
     assert rel_err(out2, ref2) <= TOL
 
 
@@ -78,7 +83,7 @@ def test_named_cases(case, page_size, backend):
     seq_lens, holes = CASES[case]
     b = make_batch(seq_lens, holes, page_size, Hq=6, Hkv=2, D=16, seed=1)
     factory = None if backend in ("reference", "sdpa") else InterpretedPrefillWrapper
-    out = segmented_attention(b.q, b.k_cache, b.v_cache, b.slot_table, b.plan, backend, wrapper_factory=factory)
+    out = segmented_attention(b.q, _kv(b), b.plan, backend, wrapper_factory=factory)
     assert rel_err(out, b.expected) <= TOL
 
 
@@ -88,29 +93,29 @@ def test_window_and_soft_cap(window_left, soft_cap, backend):
     b = make_batch([40, 25], [[(0, 3), (10, 18), (39, 40)], [(4, 5), (6, 25)]], 2, Hq=4, Hkv=2, D=16, seed=3,
                    window_left=window_left, soft_cap=soft_cap, sm_scale=0.3)
     factory = None if backend in ("reference", "sdpa") else InterpretedPrefillWrapper
-    out = segmented_attention(b.q, b.k_cache, b.v_cache, b.slot_table, b.plan, backend, sm_scale=0.3,
-                              logits_soft_cap=soft_cap, window_left=window_left, wrapper_factory=factory)
+    out = segmented_attention(b.q, _kv(b), b.plan, backend, scoring=Scoring(0.3, soft_cap, window_left),
+                              wrapper_factory=factory)
     assert rel_err(out, b.expected) <= TOL
 
 
 def test_auto_is_sdpa_on_cpu():
     b = make_batch([20], [[(2, 5)]], 1, Hq=2, Hkv=1, D=8, seed=0)
-    out = segmented_attention(b.q, b.k_cache, b.v_cache, b.slot_table, b.plan)  # backend="auto"
+    out = segmented_attention(b.q, _kv(b), b.plan)  # backend="auto"
     assert rel_err(out, b.expected) <= TOL
 
 
 def test_flashinfer_backends_need_cuda_without_a_stand_in():
     b = make_batch([20], [[(2, 5)]], 1, Hq=2, Hkv=1, D=8, seed=0)
     with pytest.raises(RuntimeError, match="needs CUDA"):
-        segmented_attention(b.q, b.k_cache, b.v_cache, b.slot_table, b.plan, "spans")
+        segmented_attention(b.q, _kv(b), b.plan, "spans")
     with pytest.raises(ValueError, match="unknown backend"):
-        segmented_attention(b.q, b.k_cache, b.v_cache, b.slot_table, b.plan, "dense")
+        segmented_attention(b.q, _kv(b), b.plan, "dense")
 
 
 def test_q_rows_must_match_plan():
     b = make_batch([20], [[(2, 5)]], 1, Hq=2, Hkv=1, D=8, seed=0)
     with pytest.raises(ValueError, match="missing tokens"):
-        segmented_attention(b.q[:2], b.k_cache, b.v_cache, b.slot_table, b.plan, "reference")
+        segmented_attention(b.q[:2], _kv(b), b.plan, "reference")
 
 
 def test_gqa_heads_must_divide():
@@ -132,6 +137,6 @@ def test_sdpa_mask_free_split_and_masked_call_agree(monkeypatch, max_runs, path,
     monkeypatch.setattr(sdpa, "_split_runs", lambda *a: calls.append(len(a[3])) or split(*a))
     b = make_batch([200, 64, 9], [[(0, 3), (50, 61), (120, 122), (199, 200)], [(10, 30)], [(0, 9)]], 1,
                    Hq=6, Hkv=2, D=16, seed=3)
-    out = sdpa.sdpa_attention(b.q, b.k_cache, b.v_cache, b.slot_table, b.plan, path=path)
+    out = sdpa.sdpa_attention(b.q, _kv(b), b.plan, path=path)
     assert rel_err(out, b.expected) <= TOL
     assert calls == ([4, 1] if split_used else [])  # the fully missing sequence takes the dense causal call

@@ -15,8 +15,9 @@ batch. Plain extends and cold prompts in the same batch are one run each.
 
 Models whose FA3 extend uses more than that one call (local/chunked attention, a
 separate sliding-window KV pool, cross-attention, context parallelism) or per-sequence
-descales (a quantized KV cache) take the stock path (``patches/scheduler/cache_factory.py``); a
-hole batch that reaches such a backend anyway is an error, never a silent wrong answer.
+descales (a quantized KV cache) take the stock path (the server's capabilities,
+``patches/launch/capabilities.py``); a hole batch that reaches such a backend anyway is an
+error, never a silent wrong answer.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from typing import Any
 from sglang.srt.layers.attention.flashattention_backend import FlashAttentionBackend
 from sglang.srt.utils.common import get_device_capability
 
+from sglang_holes.attention.batch_holes import BatchHoles
+from sglang_holes.attention.plan import HolePlan
 from sglang_holes.config import HolesConfig
-from sglang_holes.patches.attention.forward_batch import BatchHolePlan, hole_plan_from_positions
+from sglang_holes.patches.attention.hole_backend import HoleBackend
 
 
 def _unsupported(backend: Any) -> str | None:
@@ -47,26 +50,24 @@ def _unsupported(backend: Any) -> str | None:
     return None
 
 
-def plan_hole_batch(backend: Any, forward_batch: Any) -> BatchHolePlan | None:
+def plan_hole_batch(backend: Any, forward_batch: Any, holes: BatchHoles | None) -> HolePlan | None:
     """Turn ``backend.forward_metadata`` (SGLang's extend metadata, built already) into the
-    hole batch's; None (metadata untouched) for batches without holes.
+    hole batch's; None (metadata untouched) unless ``holes`` holds a fill.
 
     Works with any object carrying SGLang's FA3 backend attributes, so the CPU tests run it
     inside SGLang's own backend with the kernel replaced by the interpreter.
     """
     mode = forward_batch.forward_mode
-    if not mode.is_extend() or mode.is_target_verify() or mode.is_draft_extend_v2():
-        return None
-    batch = hole_plan_from_positions(forward_batch, backend.req_to_token_pool.req_to_token,
-                                     page_size=backend.page_size)
-    if batch is None:
+    if holes is None or not holes.has_fill or not mode.is_extend() or mode.is_target_verify() \
+            or mode.is_draft_extend_v2():
         return None
     if (why := _unsupported(backend)) is not None:
         raise RuntimeError(f"a hole batch reached an FA3 backend that cannot run it ({why}): the holes radix "
                            "cache should not build one here")
     meta = backend.forward_metadata
     device = meta.page_table.device
-    fa = batch.plan.flash_attn_inputs()
+    plan = holes.plan(page_size=backend.page_size)
+    fa = plan.flash_attn_inputs()
     meta.page_table = meta.page_table[fa.run_seq.to(device, non_blocking=True)]
     meta.cu_seqlens_q = fa.cu_seqlens_q.to(device, non_blocking=True)
     meta.cache_seqlens_int32 = fa.cache_seqlens.to(device, non_blocking=True)
@@ -74,10 +75,10 @@ def plan_hole_batch(backend: Any, forward_batch: Any) -> BatchHolePlan | None:
     meta.max_seq_len_q = fa.max_seqlen_q
     meta.max_seq_len_k = fa.max_seqlen_k
     meta.scheduler_metadata = None  # precomputed for SGLang's own segments; extend never passes it
-    return batch
+    return plan
 
 
-class HoleFlashAttentionBackend(FlashAttentionBackend):
+class HoleFlashAttentionBackend(HoleBackend, FlashAttentionBackend):
     """Stock FA3, with the extend metadata of a hole batch re-planned per run (see module docstring)."""
 
     def __init__(self, model_runner: Any, *args: Any, config: HolesConfig | None = None, **kwargs: Any) -> None:
@@ -91,4 +92,4 @@ class HoleFlashAttentionBackend(FlashAttentionBackend):
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
-        plan_hole_batch(self, forward_batch)
+        plan_hole_batch(self, forward_batch, self.take(forward_batch))

@@ -12,9 +12,11 @@ hook unpacks; ``tests/test_hook_contract.py`` runs it, and ``sglang_holes.Engine
 * ``SUBCLASSED``: SGLang classes we subclass and the methods we override or call.
 * ``INVARIANTS``: lines of SGLang's scheduler a hole fill relies on (virtual order).
 * ``ATTRIBUTES``: fields our hooks read or write on SGLang objects (``Req``,
-  ``ScheduleBatch``, ``ForwardBatch``, ...). Requests and batches carry at most one
-  attribute of ours each: ``req.holes`` (``RequestHoles``) and ``batch.holes`` (positions, on
-  the host: the ``ScheduleBatch``'s until ``ForwardBatch.init_new`` moves them to the forward batch).
+  ``ScheduleBatch``, ``ForwardBatch``, ...). SGLang objects carry at most one attribute of ours
+  each: ``req.holes`` (``RequestHoles``, ``patches/scheduler/request_holes.py``), a ``ScheduleBatch``'s
+  ``holes`` (its frozen ``BatchHoles``, written by the extend hook's commit step, read by the
+  ``ForwardBatch.init_new`` hook, which hands it to the attention backend) and the tokenizer
+  manager's ``holes_capabilities`` (``patches/launch/capabilities.py``, decided at start).
 
 The table is data only: importing it imports nothing from SGLang.
 """
@@ -63,7 +65,7 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec(f"{_SB}.ScheduleBatch.prepare_for_extend", "after",
              "scheduler.extend:after_prepare_for_extend", ("self",)),
     HookSpec("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "after",
-             "attention.forward_batch:after_init_new", ("cls", "batch")),
+             "attention.forward_batch:after_init_new", ("cls", "batch", "model_runner")),
     HookSpec("sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run", "before",
              "scheduler.pool_audit:before_get_next_batch_to_run", ("self", "running_batch", "last_batch")),
     HookSpec("sglang.srt.managers.scheduler.Scheduler.handle_rpc_request", "around",
@@ -76,6 +78,8 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", "around",
              "serving.meta_info:around_update_meta", ("self", "meta_info", "state", "customized_info", "index",
                                               "finish_reason")),
+    HookSpec("sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__", "after",
+             "serving.entry:after_init", ("self", "server_args", "port_args")),
     HookSpec("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", "after",
              "serving.entry:after_validate", ("self", "obj", "input_ids")),
     HookSpec("sglang.srt.managers.io_struct.GenerateReqInput._normalize_kv_hints", "before",
@@ -124,6 +128,8 @@ ATTRIBUTES: tuple[Attributes, ...] = (
                                                      "radix_cache_backend", "enable_mixed_chunk", "dp_size",
                                                      "speculative_algorithm", "cuda_graph_backend_prefill",
                                                      "cuda_graph_config", "enable_mis", "kv_cache_dtype",
+                                                     "prefill_attention_backend", "page_size", "tp_size",
+                                                     "disable_radix_cache", "attn_cp_size",
                                                      "attention_backend")),
     Attributes(f"{_SB}.Req", (
         "extend_end", "full_untruncated_fill_ids", "multimodal_inputs", "input_embeds", "return_logprob",
@@ -137,8 +143,11 @@ ATTRIBUTES: tuple[Attributes, ...] = (
         "prefill_input_ids_cpu", "out_cache_loc", "req_to_token_pool", "return_logprob",
         "extend_input_logprob_token_ids", "model_config")),
     Attributes("sglang.srt.model_executor.forward_batch_info.ForwardBatch", (
-        "forward_mode", "positions", "seq_lens", "seq_lens_cpu", "extend_seq_lens_cpu", "req_pool_indices",
-        "req_pool_indices_cpu", "out_cache_loc")),
+        "forward_mode", "positions", "seq_lens", "seq_lens_cpu", "extend_seq_lens_cpu", "out_cache_loc")),
+    # The ForwardBatch hook hands a batch's BatchHoles to the backend that runs extends.
+    Attributes("sglang.srt.model_executor.model_runner.ModelRunner", ("attn_backend", "sliding_window_size")),
+    Attributes(f"{_ATTN}.hybrid_attn_backend.HybridAttnBackend", ("prefill_backend",)),
+    Attributes("sglang.srt.managers.tokenizer_manager.TokenizerManager", ("server_args", "model_config")),
     Attributes(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend", (
         "indices_updater_prefill", "prefill_wrappers_paged", "forward_metadata", "num_wrappers",
         "prefill_uses_dequant_workspace", "enable_mis", "req_to_token_pool", "page_size", "prefill_kv_access",

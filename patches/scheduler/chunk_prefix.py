@@ -53,7 +53,7 @@ def seed_chunk_prefix(cache: Any, req: Any, row: torch.Tensor, up_to: int) -> No
     kv = req.kv
     tree = cache._tree(req.extra_key, req.cache_salt)
     owned = torch.ones(lead, dtype=torch.bool)
-    owned[: st.prefix_len] = False  # read from the tree (pinned by the admission lock)
+    owned[: st.exact_prefix] = False  # read from the tree (pinned by the admission lock)
     with cache.namespaces.tracked(tree):
         result = tree.insert(list(req.origin_input_ids[:lead]), row[:lead].to(torch.int64), owned)
     if result.rejected_slots.numel():  # the tree holds this KV already (another request's insert)

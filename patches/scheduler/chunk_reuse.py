@@ -123,12 +123,12 @@ class ChunkReuse:
             plan = (plan or ChunkFill.computing_all(n, prefix.slots.device)).with_prefix(prefix)
         else:
             prefix = prefix_node = None
-        st.plan, st.prefix_len, st.prefix_node = plan, prefix.end if prefix else 0, prefix_node
+        st.plan, st.exact_prefix, st.prefix_node = plan, prefix.end if prefix else 0, prefix_node
         if plan is None:
             return None
         entries = _distinct(hits)
         borrowed = int(plan.borrowed.sum())
-        pin = sum(len(e) for e in entries if not e.lock_ref) + st.prefix_len
+        pin = sum(len(e) for e in entries if not e.lock_ref) + st.exact_prefix
         if borrowed > max_prefix or plan.order.numel() + pin > room:
             return None
         return HoleFill(0, borrowed, plan.segments(), ChunkMatch(entries, prefix_node), chunk=plan)

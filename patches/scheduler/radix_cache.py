@@ -1,32 +1,34 @@
 """Radix cache backend ``holes``: SGLang's ``BasePrefixCache`` contract on top of ``HoleTree``.
 
-Selected with ``--radix-cache-backend holes`` (registered through SGLang's
-radix-cache registry by ``patches/launch/plugin.py``). Eviction policy: SGLang's own
-``--radix-eviction-policy`` (``HolesConfig.eviction_policy``): ``cost-aware`` (the default
-with this cache: may punch interior holes where recompute is cheapest; its FLOP constants
+Selected with ``--radix-cache-backend holes`` (registered through SGLang's radix-cache registry by
+``patches/launch/plugin.py``, built by ``patches/scheduler/cache_factory.py``). Eviction policy:
+SGLang's own ``--radix-eviction-policy`` (``HolesConfig.eviction_policy``): ``cost-aware`` (the
+default with this cache: may punch interior holes where recompute is cheapest; its FLOP constants
 come from the served model's config) or ``lru`` (stock behaviour, ``lru-leaf``).
 
-What SGLang sees: the request's leading run of cached tokens as its prefix, exactly
-like stock SGLang; when KV exists beyond a hole, ``match_prefix`` also attaches the
-matched segments to the request and pins them, and the ``prepare_for_extend`` hook
-(``patches/scheduler/extend.py``) reuses them, so only the holes and the tail are
-recomputed, in one extend pass. That needs a hole-aware attention backend
-(torch_native on CPU, FlashInfer on GPU, see ``cache_factory.why_no_hole_batches``); with another
-backend, requests with holes take the stock path
+What SGLang sees (``match_prefix``): without KV beyond a hole, the leading cached run as the
+prefix, as stock SGLang. With KV beyond a hole, *virtual order* (``HoleFill``): every reused token
+is shown as the prefix, so SGLang admits, splits (chunked prefill) and allocates only the missing
+positions, and its admission lock on the deepest matched node pins every reused span; the tree
+owns only the leading run ``[0, P0)`` of the row (``cache_protected_len``). The ``prepare_for_extend``
+hook (``patches/scheduler/extend.py``) then rewrites each prefill piece into real positions.
+Hole batches need a hole-aware attention backend (the server's capabilities,
+``patches/launch/capabilities.py``); without one, requests with holes take the stock path
 (recompute from the first hole), which stays correct.
 
-Requests with chunk hints (RAG chunk mode) bypass the trees entirely and use the
-chunk store instead (``patches/scheduler/chunk_reuse.py``); the store's slots count in this
-cache's sizes and eviction.
+Requests with RAG document hints (``patches/scheduler/chunk_reuse.py``) read the exact tree only
+for their leading non-document prefix (``patches/scheduler/chunk_prefix.py``: a shared system
+prompt, read in place and inserted once computed); the rest of their reuse comes from the chunk
+store, whose slots count in this cache's sizes and eviction.
 
-Slot ownership follows ``HoleTree``: the tree owns what it stores; ``checkpoint``
-inserts the request's row and frees exactly the slots the tree rejected (the
-identity-aware ``rejected_slots``: a slot the tree already owns at that position is
-never freed); ``evict`` returns slots to SGLang's allocator. Which spans of a live request's
-row are not its own (reused in place, not computed yet, handed to the store or the tree after a
-prefill piece) is recorded in one place, ``self.ledger`` (``sglang_holes.cache.slot_ledger``):
-``free_kv_row`` and ``checkpoint`` ask it, and ``patches/scheduler/pool_audit.py`` audits the whole pool
-against it.
+Slot ownership follows ``HoleTree``: the tree owns what it stores; ``checkpoint`` inserts the
+request's row and frees exactly the slots the tree rejected (the identity-aware
+``rejected_slots``: a slot the tree already owns at that position is never freed); ``evict``
+returns slots to SGLang's allocator. Which spans of a live request's row are not its own (reused
+in place, not computed yet, handed to the store or the tree after a prefill piece) is recorded in
+one place, ``self.ledger`` (``sglang_holes.cache.slot_ledger``): ``free_kv_row`` and ``checkpoint``
+ask it, and ``patches/scheduler/pool_audit.py`` audits the whole pool against it. Locks:
+``patches/scheduler/cache_locks.py``.
 """
 
 from __future__ import annotations
@@ -38,13 +40,10 @@ from typing import Any
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
     BasePrefixCache,
-    DecLockRefResult,
     EvictParams,
     EvictResult,
-    IncLockRefResult,
     MatchPrefixParams,
     MatchResult,
-    TreeLock,
 )
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
@@ -55,23 +54,25 @@ from sglang_holes.cache.slot_ledger import SlotLedger
 from sglang_holes.cache.tree import HoleTree, Node, TreeHandle
 from sglang_holes.config import HolesConfig
 from sglang_holes.patches.launch.hooks import BACKEND_NAME
+from sglang_holes.patches.scheduler.cache_locks import CacheLocks
 from sglang_holes.patches.scheduler.chunk_prefix import match_chunk_prefix, seed_chunk_prefix
-from sglang_holes.patches.scheduler.chunk_reuse import ChunkMatch, ChunkReuse
+from sglang_holes.patches.scheduler.chunk_reuse import ChunkReuse
 from sglang_holes.patches.scheduler.request_holes import HoleFill, holes_of, stock_path_reason
 from sglang_holes.patches.serving.metrics import COUNTERS, HoleMetrics
 
 __all__ = ["BACKEND_NAME", "HoleRadixCache"]
 
+NOT_DECIDED = "the cache was built without the server's capabilities (patches/launch/capabilities.py)"
+
 logger = logging.getLogger("sglang_holes")
 
 
-class HoleRadixCache(BasePrefixCache):
+class HoleRadixCache(CacheLocks, BasePrefixCache):
     """``HoleTree`` behind SGLang's prefix-cache interface (one tree per namespace)."""
 
     def __init__(self, params: CacheInitParams, config: HolesConfig | None = None,
-                 recompute_cost: RecomputeCost | None = None, hole_extend: bool = False,
-                 metrics: HoleMetrics | None = None, chunks: ChunkReuse | None = None,
-                 why_no_holes: str | None = None) -> None:
+                 recompute_cost: RecomputeCost | None = None, metrics: HoleMetrics | None = None,
+                 chunks: ChunkReuse | None = None, no_hole_batches: str | None = NOT_DECIDED) -> None:
         self.disable = params.disable
         self.req_to_token_pool = params.req_to_token_pool
         self.token_to_kv_pool_allocator = params.token_to_kv_pool_allocator
@@ -80,10 +81,9 @@ class HoleRadixCache(BasePrefixCache):
         self.config = config if config is not None else HolesConfig()
         # Policies keep no per-tree state: every namespace's tree shares one.
         self.policy = make_policy(self.config.eviction_policy, recompute_cost, **dict(self.config.eviction_params))
-        # Whether the attention backend can run hole batches (torch_native, FlashInfer); if not,
-        # requests with holes take the stock path (recompute from the first hole).
-        self.hole_extend = hole_extend
-        self.why_no_holes = why_no_holes  # reported in /get_server_info
+        # Why hole batches cannot run here (Capabilities.no_hole_batches; None: they can). Requests
+        # with KV beyond a hole then take the stock path; reported in /get_server_info.
+        self.no_hole_batches = no_hole_batches
         # Benchmark baseline (mode prefix-only): reuse the leading cached run only.
         self.prefix_only = self.config.prefix_only
         self.device = torch.device(getattr(self.token_to_kv_pool_allocator, "device", "cpu") or "cpu")
@@ -92,7 +92,7 @@ class HoleRadixCache(BasePrefixCache):
         self.ledger = SlotLedger()
         self.stats = dict.fromkeys(COUNTERS, 0)
         self.metrics = metrics
-        # RAG chunk mode (patches/scheduler/chunk_reuse.py); None: chunk hints are served as plain requests.
+        # RAG document reuse (patches/scheduler/chunk_reuse.py); None: chunk hints are refused at entry.
         self.chunks = chunks
         self.reset()
 
@@ -167,12 +167,12 @@ class HoleRadixCache(BasePrefixCache):
         if beyond <= 0 or rec is None:
             node = result.prefix_node
             return MatchResult(result.cached_prefix_len, node, node, node)
-        if not self.hole_extend or stock_path_reason(params.req) is not None:
+        if self.no_hole_batches is not None or stock_path_reason(params.req) is not None:
             rec.fallback = True  # counted when the request is scheduled
             node = result.prefix_node
             return MatchResult(result.cached_prefix_len, node, node, node)
         # KV beyond a hole. SGLang is shown every reused token as the prefix (virtual order,
-        # HoleFill): it admits, chunks and allocates only the missing tokens, and its admission
+        # HoleFill): it admits, splits and allocates only the missing tokens, and its admission
         # lock on the deepest cached node pins every reused span. The tree owns row [0, P0) only.
         node = result.handle.node
         rec.fill = HoleFill(result.cached_prefix_len, result.reused_tokens, tuple(result.segments), node)
@@ -182,7 +182,7 @@ class HoleRadixCache(BasePrefixCache):
         """Chunk mode reads the exact tree only for its leading non-chunk prefix (``chunk_prefix``); its
         other reuse comes from the chunk store, shown to SGLang in virtual order like a hole fill."""
         fill = None
-        if self.hole_extend and stock_path_reason(req) in (None, "input logprobs"):
+        if self.no_hole_batches is None and stock_path_reason(req) in (None, "input logprobs"):
             room = self.token_to_kv_pool_allocator.available_size() + self.evictable_size()
             fill = self.chunks.match(req, max_prefix, room, *match_chunk_prefix(self, req))
         if fill is None:
@@ -256,8 +256,8 @@ class HoleRadixCache(BasePrefixCache):
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
         fill = holes_of(req).fill
         if fill is not None and fill.first_uncomputed() is not None:
-            # Mid-fill (chunked prefill in virtual order): everything before the first position not
-            # yet computed is present; the rest waits for later chunks.
+            # Mid-fill (a prefill split into pieces, in virtual order): everything before the first
+            # position not yet computed is present; the rest waits for later pieces.
             up_to = fill.first_uncomputed()
         if self.chunks is not None and holes_of(req).chunk_hints is not None:
             # Approximate KV stays out of the exact tree (the exact leading prefix goes in); computed
@@ -323,56 +323,6 @@ class HoleRadixCache(BasePrefixCache):
                 if self.chunks is not None and tree is self.chunks.store:
                     self.count("chunk_evicted_tokens", slots.numel())
         return EvictResult(num_tokens_evicted=freed)
-
-    def _lock_node(self, node: Node) -> TreeHandle:
-        handle = TreeHandle(node)
-        with self._tracked(node) as tree:
-            if tree is not None:
-                tree.lock(handle)
-        return handle
-
-    def _unlock_node(self, handle: TreeHandle) -> None:
-        with self._tracked(handle.node) as tree:
-            if tree is not None:
-                tree.unlock(handle)
-
-    def lock(self, node: Any) -> TreeLock | None:
-        if isinstance(node, ChunkMatch):  # the store entries, and the exact tree's shared prefix if read
-            self.chunks.lock(node)
-            return TreeLock(node, None if node.prefix_node is None else self._lock_node(node.prefix_node))
-        return TreeLock(node, self._lock_node(node))  # the receipt is our handle
-
-    def unlock(self, lock: TreeLock | None) -> None:
-        if lock is None:
-            return
-        if isinstance(lock.node, ChunkMatch):
-            self.chunks.unlock(lock.node)
-        if lock.receipt is not None:
-            self._unlock_node(lock.receipt)
-
-    def inc_lock_ref(self, node: Any) -> IncLockRefResult:
-        if isinstance(node, ChunkMatch):
-            self.chunks.lock(node)
-            node = node.prefix_node
-        if node is not None:
-            self._ref_locks.setdefault(id(node), []).append(self._lock_node(node))
-        return IncLockRefResult(delta=0)
-
-    def dec_lock_ref(self, node: Any, params: Any = None) -> DecLockRefResult:
-        """Release one ``inc_lock_ref`` of ``node``; ``RuntimeError`` if it holds none (double unlock)."""
-        if isinstance(node, ChunkMatch):
-            self.chunks.unlock(node)
-            node = node.prefix_node
-            if node is None:
-                return DecLockRefResult(delta=0)
-        handles = self._ref_locks.get(id(node))
-        if not handles:
-            raise RuntimeError("dec_lock_ref on a node without a matching inc_lock_ref")
-        handle = handles.pop()
-        if not handles:
-            del self._ref_locks[id(node)]
-        self._unlock_node(handle)
-        return DecLockRefResult(delta=0)
 
     def evict_span(self, input_ids: list[int], start: int, end: int, extra_key: Any = None,
                    cache_salt: Any = None) -> int:

@@ -29,7 +29,7 @@ class HoleFill:
     virtual order this implies. Two kinds: a hole request (KV from the tree beyond a hole) and a
     chunk request reusing chunks (``chunk`` set: KV from the chunk store).
 
-    prefix_len: P0, the leading run of the row the tree owns (SGLang's ``cache_protected_len``;
+    tree_owned: P0, the leading run of the row the tree owns (SGLang's ``cache_protected_len``;
         0 for a chunk request). segments: the reused spans with their slots, in position order
         (R tokens in all). node: SGLang's ``req.last_node``, locked by admission: it pins every
         reused span until the fill's last checkpoint (a tree node; for chunks a ``ChunkMatch``).
@@ -38,7 +38,7 @@ class HoleFill:
         slots; 0, a padding slot, where nothing is computed yet), on the row's device.
     """
 
-    prefix_len: int
+    tree_owned: int
     reused: int
     segments: tuple[Segment, ...]
     node: Any

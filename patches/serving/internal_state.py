@@ -35,7 +35,7 @@ def cache_state(scheduler: Any) -> dict[str, Any]:
         out["protected"] = int(tree.protected_size())
     if isinstance(tree, HoleRadixCache):
         out["policy"] = tree.policy.name
-        out["hole_batches"] = "on" if tree.hole_extend else f"off: {tree.why_no_holes}"
+        out["hole_batches"] = "on" if tree.no_hole_batches is None else f"off: {tree.no_hole_batches}"
         out["stats"] = dict(tree.stats)
         if tree.chunks is not None:
             store = tree.chunks.store

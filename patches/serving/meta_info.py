@@ -67,8 +67,8 @@ def record_chunk_reuse(req: Any, state: Any) -> None:
         params["layers"] = hints.layers if hints.layers is not None else DEFAULT_QUERY_LAYERS
     if hints.policy == "explicit":
         params["recompute"] = [list(span) for span in hints.recompute]
-    if state.prefix_len:  # the leading non-chunk prefix, read from the exact tree (exact KV)
-        params["prefix_tokens"] = state.prefix_len
+    if state.exact_prefix:  # the leading non-chunk prefix, read from the exact tree (exact KV)
+        params["prefix_tokens"] = state.exact_prefix
     info[CHUNKS] = [{"policy": hints.policy, **params, "chunks": len(hints.chunks),
                      "reused_chunks": sum(e is not None for e in state.hits),
                      "reused_tokens": state.reused_tokens, "sink_recomputed": state.sink_recomputed}]

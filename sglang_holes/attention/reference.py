@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from sglang_holes.attention.kv import DEFAULT_SCORING, KVCache, Scoring
 from sglang_holes.attention.plan import HolePlan, visibility_mask
 
 
@@ -45,29 +46,21 @@ def masked_attention(
     return o.reshape(M, Hq, v.shape[-1]).to(q.dtype)
 
 
-def reference_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_table: Sequence[torch.Tensor],
-    plan: HolePlan,
-    sm_scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    window_left: int = -1,
-) -> torch.Tensor:
+def reference_attention(q: torch.Tensor, kv: KVCache, plan: HolePlan,
+                        scoring: Scoring = DEFAULT_SCORING) -> torch.Tensor:
     """Segmented attention by definition: ``[m, Hq, D]`` compacted queries in, ``[m, Hq, D]`` out.
 
-    ``k_cache``/``v_cache`` are ``[num_slots, Hkv, D]``; ``slot_table[i]`` gives
-    the slot of every position of sequence ``i``. The K/V of the missing tokens
-    must already be written to their slots (each layer writes before it attends).
+    ``kv``: the pool (``[num_slots, Hkv, D]``) and the slot of every position of each sequence;
+    the K/V of the missing tokens must already be written to their slots (each layer writes
+    before it attends).
     """
     if q.shape[0] != plan.num_queries:
         raise ValueError(f"q has {q.shape[0]} rows but the plan has {plan.num_queries} missing tokens")
-    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
-    out = torch.empty(q.shape[0], q.shape[1], v_cache.shape[-1], dtype=q.dtype, device=q.device)
-    for view in sequence_views(plan, slot_table, window_left, k_cache.device):
+    scale = scoring.sm_scale if scoring.sm_scale is not None else q.shape[-1] ** -0.5
+    out = torch.empty(q.shape[0], q.shape[1], kv.v.shape[-1], dtype=q.dtype, device=q.device)
+    for view in sequence_views(plan, kv.slot_table, scoring.window_left, kv.k.device):
         a, b, slots = view.a, view.b, view.slots
-        out[a:b] = masked_attention(q[a:b], k_cache[slots], v_cache[slots], view.keep, scale, logits_soft_cap)
+        out[a:b] = masked_attention(q[a:b], kv.k[slots], kv.v[slots], view.keep, scale, scoring.logits_soft_cap)
     return out
 
 

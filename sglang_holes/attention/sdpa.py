@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from sglang_holes.attention.kv import DEFAULT_SCORING, KVCache, Scoring
 from sglang_holes.attention.plan import HolePlan, visibility_mask
 from sglang_holes.attention.reference import reference_attention
 
@@ -32,17 +33,8 @@ DENSE_FRACTION = 0.9
 MAX_SPLIT_RUNS = 24
 
 
-def sdpa_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_table: Sequence[torch.Tensor],
-    plan: HolePlan,
-    sm_scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    window_left: int = -1,
-    path: str = "auto",
-) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, kv: KVCache, plan: HolePlan, scoring: Scoring = DEFAULT_SCORING,
+                   path: str = "auto") -> torch.Tensor:
     """``[m, Hq, D]`` compacted queries -> ``[m, Hq, D]``; arguments as ``reference_attention``.
 
     ``path``: ``auto`` (per sequence: dense causal when almost all of it is missing, else
@@ -51,8 +43,10 @@ def sdpa_attention(
     """
     if path not in ("auto", "custom_mask", "spans"):
         raise ValueError(f"unknown CPU hole attention path {path!r}; expected auto, custom_mask or spans")
-    if logits_soft_cap is not None and logits_soft_cap > 0:
-        return reference_attention(q, k_cache, v_cache, slot_table, plan, sm_scale, logits_soft_cap, window_left)
+    if scoring.logits_soft_cap is not None and scoring.logits_soft_cap > 0:
+        return reference_attention(q, kv, plan, scoring)
+    k_cache, v_cache, slot_table = kv
+    sm_scale, window_left = scoring.sm_scale, scoring.window_left
     if q.shape[0] != plan.num_queries:
         raise ValueError(f"q has {q.shape[0]} rows but the plan has {plan.num_queries} missing tokens")
     if q.shape[1] % k_cache.shape[1]:

@@ -1,6 +1,6 @@
 """Segmented attention: all holes of a batch in ONE attention launch per layer.
 
-``segmented_attention(q, k_cache, v_cache, slot_table, plan, backend=...)`` computes,
+``segmented_attention(q, KVCache(k, v, slot_table), plan, backend=...)`` computes,
 for the ``m`` compacted missing tokens of a batch, attention over every key of their
 sequence at positions ``<=`` their ORIGINAL position. Backends:
 
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from sglang_holes.attention.kv import DEFAULT_SCORING, KVCache, Scoring
 from sglang_holes.attention.path_cost import CostModel, choose_path
 from sglang_holes.attention.plan import HolePlan
 from sglang_holes.attention.reference import reference_attention
@@ -172,15 +173,11 @@ def resolve_backend(backend: str, q: torch.Tensor, plan: HolePlan, params: Atten
 
 def segmented_attention(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_table: Sequence[torch.Tensor],
+    kv: KVCache,
     plan: HolePlan,
     backend: str = "auto",
     *,
-    sm_scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    window_left: int = -1,
+    scoring: Scoring = DEFAULT_SCORING,
     wrapper_factory: Callable[[torch.Tensor], Any] | None = None,
     cost_model: CostModel | None = None,
 ) -> torch.Tensor:
@@ -190,27 +187,26 @@ def segmented_attention(
         q: ``[m, Hq, D]`` queries of the missing tokens, in ``plan`` order
             (sequences in order, spans in order), RoPE already applied at their
             original positions.
-        k_cache, v_cache: ``[num_slots, Hkv, D]``; the missing tokens' K/V must
-            already be written to their slots. With ``page_size > 1``,
-            ``num_slots`` is a multiple of it and slot ``s`` is row ``s % P`` of page ``s // P``.
-        slot_table: per sequence, the 1-D slot of every position ``[0, seq_len)``.
+        kv: ``KVCache``: ``k``, ``v`` ``[num_slots, Hkv, D]`` (the missing tokens' K/V already
+            written to their slots; with ``page_size > 1``, ``num_slots`` is a multiple of it and
+            slot ``s`` is row ``s % P`` of page ``s // P``) and ``slot_table``: per sequence, the
+            1-D slot of every position ``[0, seq_len)``.
         plan: the batch's ``HolePlan``.
         backend: one of ``reference``, ``sdpa``, ``custom_mask``, ``spans``, ``per_span``, ``auto``.
-        sm_scale: softmax scale (default ``1/sqrt(D)``); logits_soft_cap: ``cap·tanh(x/cap)``
-            when > 0; window_left: keep keys with ``pos - j <= window_left`` (-1: all).
+        scoring: softmax scale, soft cap and sliding window (``Scoring``).
         wrapper_factory: see ``FlashInferHoleAttention`` (tests pass the interpreter).
 
     Returns ``[m, Hq, D]`` in ``q.dtype``.
     """
+    k_cache, v_cache, slot_table = kv
     if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape[:2] != k_cache.shape[:2]:
         raise ValueError("expected q [m, Hq, D] and k_cache, v_cache [num_slots, Hkv, D]")
-    params = AttentionParams(q.shape[1], k_cache.shape[1], q.shape[2], q.dtype, k_cache.dtype,
-                             sm_scale, logits_soft_cap, window_left)
+    params = AttentionParams(q.shape[1], k_cache.shape[1], q.shape[2], q.dtype, k_cache.dtype, *scoring)
     chosen = resolve_backend(backend, q, plan, params, cost_model)
     if chosen == "reference":
-        return reference_attention(q, k_cache, v_cache, slot_table, plan, sm_scale, logits_soft_cap, window_left)
+        return reference_attention(q, kv, plan, scoring)
     if chosen == "sdpa":
-        return sdpa_attention(q, k_cache, v_cache, slot_table, plan, sm_scale, logits_soft_cap, window_left)
+        return sdpa_attention(q, kv, plan, scoring)
     if wrapper_factory is None and q.device.type != "cuda":
         raise RuntimeError(f"backend {chosen!r} runs FlashInfer kernels and needs CUDA tensors; "
                            "use backend='sdpa', 'reference' or 'auto' on CPU")

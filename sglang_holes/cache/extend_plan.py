@@ -42,7 +42,7 @@ def missing_positions(segments: Sequence[Segment], n: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class HoleChunk:
+class PrefillPiece:
     """One extend of a request in virtual order: the next ``len(positions)`` positions of its order.
 
     positions: int64 real positions this extend covers, ascending (one allocated slot each).
@@ -75,14 +75,14 @@ class HoleChunk:
     def copies(self) -> int:
         return int((~self.query).sum())
 
-    def computing_all(self) -> HoleChunk:
+    def computing_all(self) -> PrefillPiece:
         """This extend with every position computed (none copied): the fallback when a copy fails."""
         spans = tuple(spans_from_positions(self.positions.tolist()))
-        return HoleChunk(self.positions, torch.ones_like(self.query), self.computed_before, spans, self.uncomputed)
+        return PrefillPiece(self.positions, torch.ones_like(self.query), self.computed_before, spans, self.uncomputed)
 
 
-def plan_hole_chunk(order: torch.Tensor, computed: int, extend_len: int,
-                    copied: torch.Tensor | None = None) -> HoleChunk:
+def plan_piece(order: torch.Tensor, computed: int, extend_len: int,
+                    copied: torch.Tensor | None = None) -> PrefillPiece:
     """The extend that covers ``order[computed : computed + extend_len]`` (``ValueError`` past the end).
 
     ``copied``: bool ``[n]`` over prompt positions whose KV is copied in rather than computed
@@ -96,5 +96,5 @@ def plan_hole_chunk(order: torch.Tensor, computed: int, extend_len: int,
     if not bool(query.any()):
         query[-1] = True
     rest = order[computed + extend_len :]
-    return HoleChunk(positions, query, computed, tuple(spans_from_positions(positions[query].tolist())),
+    return PrefillPiece(positions, query, computed, tuple(spans_from_positions(positions[query].tolist())),
                      tuple(spans_from_positions(rest.tolist())))

@@ -41,10 +41,6 @@ class Node:
     def end(self) -> int:
         return self.start + len(self.key)
 
-    @property
-    def is_hole(self) -> bool:
-        return self.slots is None
-
     def has_cached_descendant(self) -> bool:
         """Whether any node below this one still holds KV (a hole above it must then stay)."""
         stack = list(self.children.values())

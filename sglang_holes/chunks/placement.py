@@ -9,7 +9,7 @@ recompute mask (``hints.recompute_mask``) says which positions are computed inst
 SGLang is shown the request in virtual order (``patches/request_holes.HoleFill``): the
 borrowed positions as its prefix, then the others (copies and recomputed positions) in
 position order as its extend; each extend copies its copied positions before the forward
-and computes the rest (``sglang_holes.cache.extend_plan.plan_hole_chunk``).
+and computes the rest (``sglang_holes.cache.extend_plan.plan_piece``).
 
 Units: positions ``0..n-1`` of the prompt; slots are KV-pool slot indices (int64, CPU).
 """

@@ -16,7 +16,7 @@ class ChunkState:
     """hits: per chunk, the store entry found when matched (None: computed by this request);
     base: the chunk reuse decided for those hits (None: none), kept while the request waits as
     long as the store still returns the same entries; plan: ``base`` plus the leading non-chunk
-    prefix read from the exact tree (``prefix_len`` tokens, pinned by the exact tree's
+    prefix read from the exact tree (``exact_prefix`` tokens, pinned by the exact tree's
     ``prefix_node``), decided at every match, the fill in use; seeded: the lock on the exact tree's
     node holding the prefix this request computed and inserted (until release); locked: entries this request
     computed and handed to the store, locked until release; handled: chunks reused or already
@@ -29,7 +29,7 @@ class ChunkState:
     hits: list[ChunkEntry | None]
     base: ChunkFill | None = None
     plan: ChunkFill | None = None
-    prefix_len: int = 0
+    exact_prefix: int = 0
     prefix_node: Any = None
     seeded: Any = None
     locked: list[ChunkEntry] = field(default_factory=list)
