@@ -54,3 +54,16 @@ def test_holes_server_reports_that_it_runs_hole_batches(holes_engine):
     """``/get_server_info`` says whether hole batches run here (and why not, when they do not)."""
     cache = holes_engine.get_server_info()["internal_states"][0]["sglang_holes"]["cache"]
     assert cache["hole_batches"] == "on" and cache["policy"] == "cost-aware", cache
+
+
+def test_entry_decided_the_same_capabilities_at_start(holes_engine, engine):
+    """The tokenizer manager decided the server's capabilities when it was built (not per request), the
+    same decision the scheduler's cache was built from: hole batches on, document reuse on."""
+    from sglang_holes.patches.launch.capabilities import Capabilities
+    from sglang_holes.patches.serving.entry import CAPABILITIES_ATTR
+
+    caps = getattr(holes_engine.tokenizer_manager, CAPABILITIES_ATTR)
+    assert isinstance(caps, Capabilities) and caps.hole_batches and caps.chunk_reuse, caps
+    assert caps.prefill_backend == "torch_native" and caps.num_layers > 0
+    stock = getattr(engine.tokenizer_manager, CAPABILITIES_ATTR)  # SGLang's own cache: no hints served
+    assert stock.no_holes_cache is not None and not stock.chunk_reuse

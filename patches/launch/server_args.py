@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from sglang_holes.config import select_platform, selected_platform
+from sglang_holes.patches.launch.hooks import BACKEND_NAME
 from sglang_holes.patches.launch.platform import PLATFORM_NAME
-from sglang_holes.patches.scheduler.radix_cache import BACKEND_NAME
 
 logger = logging.getLogger("sglang_holes")
 

@@ -9,13 +9,15 @@ entry, ``patches/serving/entry.py``) runs in chunk mode:
   which get a re-rotated copy, which the policy recomputes (``deviation`` scores the stored
   KV as it would be placed, ``query`` runs the probe over the request's computed tokens
   against it). SGLang is shown the in-place positions as the prefix and the
-  rest as the extend (virtual order, ``patches/request_holes.HoleFill``), so it budgets,
-  chunks (chunked prefill) and allocates only those; its admission lock on the returned
+  rest as the extend (virtual order, ``patches/scheduler/request_holes.HoleFill``), so it budgets,
+  splits into prefill pieces and allocates only those; its admission lock on the returned
   ``ChunkMatch`` pins the entries read.
 * each extend (``patches/scheduler/extend.py``) copies its copied positions with K re-rotated
   by the position delta (``copy_in``) and computes the rest;
-* the exact tree is never read nor written (chunk KV is approximate): ``checkpoint`` hands
-  chunks the request computed to the store instead (``store_computed``).
+* chunk KV is approximate and never enters the exact tree: ``checkpoint`` hands chunks the
+  request computed to the store (``store_computed``). The exact tree serves only the positions
+  before the first chunk (a shared system prompt: exact KV), read in place when cached there and
+  inserted once computed (``patches/scheduler/chunk_prefix.py``).
 
 The store's slots count in the cache's sizes and compete with the trees' for
 eviction (``HoleRadixCache.evict``).

@@ -8,7 +8,7 @@ come from the served model's config) or ``lru`` (stock behaviour, ``lru-leaf``).
 
 What SGLang sees (``match_prefix``): without KV beyond a hole, the leading cached run as the
 prefix, as stock SGLang. With KV beyond a hole, *virtual order* (``HoleFill``): every reused token
-is shown as the prefix, so SGLang admits, splits (chunked prefill) and allocates only the missing
+is shown as the prefix, so SGLang admits, splits into prefill pieces and allocates only the missing
 positions, and its admission lock on the deepest matched node pins every reused span; the tree
 owns only the leading run ``[0, P0)`` of the row (``cache_protected_len``). The ``prepare_for_extend``
 hook (``patches/scheduler/extend.py``) then rewrites each prefill piece into real positions.

@@ -22,9 +22,9 @@ ATTR = "holes"
 
 @dataclass
 class HoleFill:
-    """A request with reused KV from its match to the end of its prefill (possibly several chunks).
+    """A request with reused KV from its match to the end of its prefill (possibly several pieces).
 
-    SGLang is shown ``reused`` (R) as the request's prefix, so admission, chunking and
+    SGLang is shown ``reused`` (R) as the request's prefix, so admission, splitting and
     allocation count only the other positions; see ``sglang_holes.cache.extend_plan`` for the
     virtual order this implies. Two kinds: a hole request (KV from the tree beyond a hole) and a
     chunk request reusing chunks (``chunk`` set: KV from the chunk store).

@@ -33,7 +33,7 @@ KEYS = (RECOMPUTED, SPANS, CHUNKS)
 def record_recomputed(req: Any, spans: list[tuple[int, int]], continued: bool | None = None) -> None:
     """Record the prompt spans one extend of ``req`` computes (half-open, prompt positions).
 
-    ``continued``: this extend continues the request's prefill (a later chunk), so its spans add
+    ``continued``: this extend continues the request's prefill (a later prefill piece), so its spans add
     to the recorded ones; False: a new prefill (a retracted request prefilled again) replaces
     them; None: decided by contiguity (a stock chunk continues the previous span).
     """

@@ -123,7 +123,7 @@ class FlashInferHoleAttention:
         launches: list[tuple[int, int, Any]] = []
         if path in ("custom_mask", "spans"):
             w = self._wrapper(path, 0)
-            # On the device, as SGLang's backend passes them (patches/attention/forward_batch.py): FlashInfer packs
+            # On the device, as SGLang's backend passes them (patches/attention/flashinfer.py): FlashInfer packs
             # a custom mask with a kernel that rejects host tensors (found on an H200).
             inputs = {k: v.to(self._workspace.device) if isinstance(v, torch.Tensor) else v
                       for k, v in plan.flashinfer_inputs(path, slot_table, self.params.window_left).items()}

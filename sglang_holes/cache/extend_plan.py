@@ -8,7 +8,7 @@ SGLang sees a request with reused KV in *virtual order*: its ``R`` reused tokens
 prefix it admits: KV the tree holds, or chunk KV read in place), then its other positions
 in position order (the *order*: the holes and the uncached tail; for a chunk request also
 the positions whose chunk KV is copied in). Each extend SGLang schedules (the whole request,
-or one chunk of a chunked prefill) takes the next positions of the order. Every query of an
+or one piece of a prefill SGLang splits: its chunked prefill) takes the next positions of the order. Every query of an
 extend sees every key at a position <= its own: reused spans, earlier extends, itself.
 
 Units: positions and spans are token positions of the request's prompt, spans half-open
@@ -50,7 +50,7 @@ class PrefillPiece:
         forward); False where chunk KV is copied into its slot instead (chunk requests).
     computed_before: positions of the order covered by earlier extends.
     spans: the computed spans (query positions). uncomputed: order spans still without KV
-        after this extend (later chunks).
+        after this extend (later pieces).
     """
 
     positions: torch.Tensor

@@ -6,7 +6,7 @@ sits at the offset it was computed at: *borrowed*) or gets a copy of it in one o
 request's own slots with K re-rotated by the position delta (*copied*). The policy's
 recompute mask (``hints.recompute_mask``) says which positions are computed instead.
 
-SGLang is shown the request in virtual order (``patches/request_holes.HoleFill``): the
+SGLang is shown the request in virtual order (``patches/scheduler/request_holes.HoleFill``): the
 borrowed positions as its prefix, then the others (copies and recomputed positions) in
 position order as its extend; each extend copies its copied positions before the forward
 and computes the rest (``sglang_holes.cache.extend_plan.plan_piece``).
