@@ -22,9 +22,12 @@ from typing import Any
 
 from sglang_holes.attention import (
     AttentionParams,
+    BatchHoles,
     CostModel,
     FlashInferHoleAttention,
     HolePlan,
+    KVCache,
+    Scoring,
     choose_path,
     segmented_attention,
     spans_from_inclusive,
@@ -43,6 +46,7 @@ from sglang_holes.config import HolesConfig
 
 __all__ = [
     "AttentionParams",
+    "BatchHoles",
     "CostModel",
     "Engine",
     "EvictionPolicy",
@@ -51,8 +55,10 @@ __all__ = [
     "HoleTree",
     "HolesConfig",
     "InsertResult",
+    "KVCache",
     "MatchResult",
     "RecomputeCost",
+    "Scoring",
     "Segment",
     "TreeHandle",
     "choose_path",

@@ -54,13 +54,18 @@ class Capabilities:
 
 
 def decide(server_args: Any, model_config: Any) -> Capabilities:
-    """The capabilities of a server with these (resolved) settings serving this model."""
+    """The capabilities of a server with these (resolved) settings serving this model.
+
+    A server without the ``holes`` cache gets every ``no_*`` reason at once, its model unread:
+    installing sglang-holes changes nothing for it."""
+    prefill = prefill_backend(server_args)
+    no_cache = _why_no_holes_cache(server_args)
+    if no_cache is not None:
+        return Capabilities(no_cache, no_cache, no_cache, no_cache, prefill, None, 0)
     hf = text_config(model_config)
     config = hf.to_dict() if hf is not None else None
-    prefill = prefill_backend(server_args)
     window = model_window(model_config)
-    no_cache = _why_no_holes_cache(server_args)
-    no_batches = no_cache or _why_no_hole_batches(server_args, model_config, prefill, window)
+    no_batches = _why_no_hole_batches(server_args, model_config, prefill, window)
     no_chunks = no_batches or _why_no_chunk_reuse(server_args, config)
     no_probe = no_chunks or _why_no_probe(server_args, config)
     layers = int((config or {}).get("num_hidden_layers") or 0)

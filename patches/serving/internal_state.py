@@ -24,21 +24,21 @@ def cache_state(scheduler: Any) -> dict[str, Any]:
     """
     from sglang_holes.patches.scheduler.radix_cache import HoleRadixCache
 
-    tree = getattr(scheduler, "tree_cache", None)
+    cache = getattr(scheduler, "tree_cache", None)
     alloc = getattr(scheduler, "token_to_kv_pool_allocator", None)
-    out: dict[str, Any] = {"backend": type(tree).__name__}
+    out: dict[str, Any] = {"backend": type(cache).__name__}
     if alloc is not None:
         out["available"] = int(alloc.available_size())
         out["pool_size"] = int(alloc.size)
-    if tree is not None:
-        out["evictable"] = int(tree.evictable_size())
-        out["protected"] = int(tree.protected_size())
-    if isinstance(tree, HoleRadixCache):
-        out["policy"] = tree.policy.name
-        out["hole_batches"] = "on" if tree.no_hole_batches is None else f"off: {tree.no_hole_batches}"
-        out["stats"] = dict(tree.stats)
-        if tree.chunks is not None:
-            store = tree.chunks.store
+    if cache is not None:
+        out["evictable"] = int(cache.evictable_size())
+        out["protected"] = int(cache.protected_size())
+    if isinstance(cache, HoleRadixCache):
+        out["policy"] = cache.policy.name
+        out["hole_batches"] = "on" if cache.no_hole_batches is None else f"off: {cache.no_hole_batches}"
+        out["stats"] = dict(cache.stats)
+        if cache.chunks is not None:
+            store = cache.chunks.store
             out["chunks"] = {"entries": len(store), "tokens": store.total_size, "locked": store.protected_size}
         from sglang_holes.patches.scheduler.pool_audit import audit_scheduler
 

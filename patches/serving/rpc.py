@@ -33,21 +33,21 @@ def around_rpc(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwarg
 
     from sglang_holes.patches.scheduler.radix_cache import HoleRadixCache
 
-    tree = scheduler.tree_cache
+    cache = scheduler.tree_cache
     p = recv_req.parameters or {}
     try:
         check_token_ids(p.get("tokens" if method == CHUNK_KV else "input_ids") or [],
                         scheduler.model_config.vocab_size)
-        if not isinstance(tree, HoleRadixCache):
+        if not isinstance(cache, HoleRadixCache):
             raise ValueError(f"{method} needs the holes radix cache (--radix-cache-backend holes)")
         if method == CHUNK_KV:
-            if tree.chunks is None:
+            if cache.chunks is None:
                 raise ValueError("chunk reuse is not enabled on this server")
-            k, v, offset = tree.chunks.read(p.get("tokens") or [], (p.get("extra_key"), p.get("cache_salt")),
+            k, v, offset = cache.chunks.read(p.get("tokens") or [], (p.get("extra_key"), p.get("cache_salt")),
                                             p.get("layer", 0), p.get("offset"))
             return RpcReqOutput(success=True, message=json.dumps({"k": k.tolist(), "v": v.tolist(),
                                                                   "offset": offset}))
-        freed = tree.evict_span(p.get("input_ids") or [], p.get("start"), p.get("end"),
+        freed = cache.evict_span(p.get("input_ids") or [], p.get("start"), p.get("end"),
                                 p.get("extra_key"), p.get("cache_salt"))
         return RpcReqOutput(success=True, message=json.dumps({"freed_tokens": freed}))
     except (ValueError, TypeError) as e:

@@ -68,6 +68,8 @@ def _visible(lq: int, lk: int, causal: bool, window: tuple[int, int], device: to
     return keep
 
 
+# The signature is sgl_kernel's, keyword for keyword: SGLang's FA3 backend calls this stand-in as it calls the
+# kernel, so it takes every parameter the kernel takes (hence more than eight).
 def flash_attn_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -73,6 +73,8 @@ class InterpretedPlan:
     sm_scale: float | None
 
 
+# Takes BatchPrefillWithPagedKVCacheWrapper.plan()'s keywords as they are (the wrapper stand-in forwards them
+# unchanged), hence more than eight parameters.
 def interpret_plan(
     qo_indptr: torch.Tensor,
     paged_kv_indptr: torch.Tensor,
@@ -209,6 +211,7 @@ class InterpretedPrefillWrapper:
         out = interpret_run(ip, q, (k, v))
         return out * v_scale if v_scale is not None else out
 
+    # FlashInfer's own deprecated forward() signature, which SGLang calls: every keyword it may pass.
     def forward(self, q: torch.Tensor, paged_kv_cache: Any, causal: bool = False, pos_encoding_mode: str = "NONE",
                 use_fp16_qk_reduction: bool = False, k_scale: float | None = None, v_scale: float | None = None,
                 window_left: int = -1, logits_soft_cap: float | None = None, sm_scale: float | None = None,
