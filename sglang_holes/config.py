@@ -6,8 +6,9 @@ all in the scheduler process, all from the same environment) and passed down; no
 else looks them up again.
 
 The eviction policy comes from SGLang's own flags, ``--radix-eviction-policy`` (``cost-aware``
-by default with the ``holes`` cache; ``lru`` is stock SGLang's leaves-only LRU, ``lru-leaf``
-here) and ``--radix-eviction-policy-config`` (its parameters, e.g. ``{"tau": 32}``).
+by default with the ``holes`` cache; ``priority-cost``; SGLang's own ``lru``, ``lfu``, ``slru``,
+``priority``, leaves only, as SGLang evicts them; ``lru-leaf``) and ``--radix-eviction-policy-config``
+(its parameters, e.g. ``{"tau": 32}``).
 
 =================================  =====================  ==================================================
 variable                           default                meaning
@@ -45,7 +46,7 @@ from sglang_holes.cache.eviction import EVICTION_POLICIES, POLICY_PARAMS
 
 FLAG_EVICTION_POLICY = "--radix-eviction-policy"
 # SGLang's flag value -> HoleTree's policy (its other policies have no hole-aware version).
-SGLANG_POLICY_NAMES = {"lru": "lru-leaf"}
+SGLANG_POLICY_NAMES: dict[str, str] = {}  # every SGLang policy the holes cache runs has its own name
 ENV_ATTENTION_PATH = "SGLANG_HOLES_ATTENTION_PATH"
 ENV_MODE = "SGLANG_HOLES_MODE"
 ENV_MODEL_CACHE = "SGLANG_HOLES_CACHE"

@@ -16,7 +16,7 @@ def test_defaults_flags_and_environment():
     assert HolesConfig.build(None, {}) == HolesConfig("cost-aware", "auto", "holes")
     args = SimpleNamespace(radix_eviction_policy="lru", radix_eviction_policy_config=None)
     cfg = HolesConfig.build(args, {"SGLANG_HOLES_ATTENTION_PATH": "spans", "SGLANG_HOLES_MODE": "prefix-only"})
-    assert (cfg.eviction_policy, cfg.attention_path, cfg.prefix_only) == ("lru-leaf", "spans", True)
+    assert (cfg.eviction_policy, cfg.attention_path, cfg.prefix_only) == ("lru", "spans", True)
     tuned = HolesConfig.build(SimpleNamespace(radix_eviction_policy="cost-aware",
                                               radix_eviction_policy_config={"tau": 64}), {})
     assert tuned.eviction_params == (("tau", 64),)
@@ -25,7 +25,9 @@ def test_defaults_flags_and_environment():
 
 
 @pytest.mark.parametrize("args, env, message", [
-    ({"radix_eviction_policy": "lfu"}, {}, "--radix-eviction-policy='lfu' is not an eviction policy"),
+    ({"radix_eviction_policy": "tlru"}, {}, "--radix-eviction-policy='tlru' is not an eviction policy"),
+    ({"radix_eviction_policy": "slru", "radix_eviction_policy_config": {"tau": 2}}, {},
+     "takes \\['protected_threshold'\\]"),
     ({"radix_eviction_policy_config": {"threshold": 3}}, {}, "takes \\['tau'\\], not 'threshold'"),
     ({"radix_eviction_policy_config": {"tau": -1}}, {}, "tau must be a number > 0"),
     ({"radix_eviction_policy": "lru", "radix_eviction_policy_config": {"tau": 2}}, {}, "takes \\[\\]"),

@@ -82,7 +82,9 @@ def test_eviction_policy_through_sglangs_flag(monkeypatch):
     assert out.count("--radix-eviction-policy") == 1
     assert launch.apply_engine_defaults({"radix_cache_backend": None}).get("radix_eviction_policy") is None
     assert launch.refusal({"radix_eviction_policy": "lru"}) is None
-    assert "not 'lfu'" in launch.refusal({"radix_eviction_policy": "lfu"})
+    for policy in ("lfu", "slru", "priority"):  # SGLang's own policies run with holes (leaves only)
+        assert launch.refusal({"radix_eviction_policy": policy}) is None
+    assert "unified radix cache" in launch.refusal({"radix_eviction_policy": "tlru"})
     assert "needs --radix-cache-backend holes" in launch.refusal({"radix_cache_backend": "radix",
                                                                   "radix_eviction_policy": "cost-aware"})
 

@@ -161,7 +161,7 @@ def test_bad_input_leaves_tree_unchanged():
     assert snapshot(t) == before
     t.check_integrity()
     with pytest.raises(ValueError, match="unknown eviction policy"):
-        make_policy("lfu")
+        make_policy("tlru")
     with pytest.raises(TypeError, match="EvictionPolicy"):
         HoleTree(policy="cost-aware")
     with pytest.raises(ValueError, match="page_size"):

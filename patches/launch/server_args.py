@@ -26,7 +26,8 @@ from sglang_holes.patches.launch.platform import PLATFORM_NAME
 logger = logging.getLogger("sglang_holes")
 
 ALWAYS, HOLES, CPU, GPU_HOLES = "always", "holes", "cpu", "gpu+holes"
-HOLE_POLICIES = ("cost-aware", "lru-leaf", "lru")  # --radix-eviction-policy values the holes cache runs
+# --radix-eviction-policy values the holes cache runs: its own, and SGLang's with SGLang's leaf-only semantics.
+HOLE_POLICIES = ("cost-aware", "priority-cost", "lru", "lfu", "slru", "priority", "lru-leaf")
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,16 @@ def refusal(settings: Mapping[str, Any] | Any) -> str | None:
 
     policy = get("radix_eviction_policy")
     if get("radix_cache_backend", BACKEND_NAME) != BACKEND_NAME:
-        if policy in ("cost-aware", "lru-leaf"):
+        if policy in ("cost-aware", "priority-cost", "lru-leaf"):
             return f"--radix-eviction-policy {policy} needs --radix-cache-backend {BACKEND_NAME}"
         return None
+    if policy == "tlru":
+        return ("the holes radix cache does not run --radix-eviction-policy tlru: SGLang keeps T-LRU's per-branch "
+                "history only in its unified radix cache, which the holes cache replaces; use lru, lfu, slru, "
+                "priority or cost-aware")
     if policy is not None and policy not in HOLE_POLICIES:
         return (f"the holes radix cache runs --radix-eviction-policy {' or '.join(HOLE_POLICIES)} "
-                f"(lru = stock leaves-only LRU), not {policy!r}")
+                f"(SGLang's as SGLang evicts them: leaves only), not {policy!r}")
     for r in REFUSED:
         value = get(r.field)
         if r.refused(value):

@@ -48,7 +48,9 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
 from sglang_holes.cache.eviction import make_policy
+from sglang_holes.cache.leaf_policies import stamp_like_sglang_checkpoint
 from sglang_holes.cache.namespaces import Namespaces
+from sglang_holes.cache.node import InsertStats
 from sglang_holes.cache.recompute_cost import RecomputeCost
 from sglang_holes.cache.slot_ledger import SlotLedger
 from sglang_holes.cache.tree import HoleTree, Node, TreeHandle
@@ -276,8 +278,12 @@ class HoleRadixCache(CacheLocks, BasePrefixCache):
         owned[min(kv.cache_protected_len, key_len) :] = True
         for s, e in self.ledger.not_owned(kv.req_pool_idx):
             owned[s:e] = False
+        priority = req.priority or 0
         with self.namespaces.tracked(tree):
-            result = tree.insert(tokens[:key_len], row[:key_len].to(torch.int64), owned)
+            result = tree.insert(tokens[:key_len], row[:key_len].to(torch.int64), owned,
+                                 InsertStats(priority, kv.cache_inserted_len))
+            stamp_like_sglang_checkpoint(tree, tokens[:key_len], len(req.origin_input_ids), priority)
+        kv.cache_inserted_len = max(kv.cache_inserted_len, key_len)
         if result.rejected_slots.numel():
             # Duplicates of KV the tree already holds; the row is repointed below.
             self.token_to_kv_pool_allocator.free(result.rejected_slots.to(row.device, dtype=row.dtype))

@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from sglang_holes.cache.eviction import EVICTION_POLICIES, CostAware, EvictionPolicy, LRULeaf, make_policy
+from sglang_holes.cache.eviction import EVICTION_POLICIES, CostAware, EvictionPolicy, make_policy
+from sglang_holes.cache.leaf_policies import LeafPolicy, lru_leaf
 from sglang_holes.cache.node import InsertResult, MatchResult, Node, Segment, TreeHandle
 from sglang_holes.cache.recompute_cost import RecomputeCost
 from sglang_holes.cache.tree import HoleTree
@@ -20,11 +21,12 @@ __all__ = [
     "EvictionPolicy",
     "HoleTree",
     "InsertResult",
-    "LRULeaf",
+    "LeafPolicy",
     "MatchResult",
     "Node",
     "RecomputeCost",
     "Segment",
     "TreeHandle",
+    "lru_leaf",
     "make_policy",
 ]

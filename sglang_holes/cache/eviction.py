@@ -1,8 +1,9 @@
 """Eviction policies for ``HoleTree``.
 
-``lru-leaf`` — stock SGLang: only leaves of the cached set (cached nodes with no cached
-descendant), least recently used first, whole nodes. The cache stays prefix-closed
-unless something else punched a hole.
+Leaves-only policies (``sglang_holes.cache.leaf_policies``): SGLang's own ``lru``, ``lfu``,
+``slru`` and ``priority``, evicting what SGLang's cache evicts on the same operations, and
+``lru-leaf`` (least recently used on this tree's own clock). Only leaves of the cached set go,
+whole; the cache stays prefix-closed unless something else punched a hole.
 
 ``cost-aware`` — evict the KV whose expected recompute cost per freed slot is lowest,
 wherever it sits: interior nodes too (their descendants keep KV and later requests
@@ -37,7 +38,9 @@ keeping S and the expensive tails, while lru-leaf drops a tail, which costs ~2.5
 per slot to recompute — and, the cache being prefix-closed, a returning request then
 recomputes the whole tail rather than a cheap hole.
 
-``benchmarks/simulate_eviction.py`` compares the two policies on traces; its table is
+``priority-cost`` — SGLang's request priorities first, ``cost-aware`` within one priority.
+
+``benchmarks/simulate_eviction.py`` compares ``cost-aware`` and ``lru-leaf`` on traces; its table is
 in the README.
 """
 
@@ -49,20 +52,17 @@ from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Protocol
 
+from sglang_holes.cache.leaf_policies import (
+    TreeView,
+    evictable,
+    lru_leaf,
+    sglang_lfu,
+    sglang_lru,
+    sglang_priority,
+    sglang_slru,
+)
 from sglang_holes.cache.node import Node
 from sglang_holes.cache.recompute_cost import SMOLLM2_135M, RecomputeCost
-
-
-class TreeView(Protocol):
-    """What a policy reads of the tree it serves (``HoleTree`` satisfies it)."""
-
-    root: Node
-    page_size: int
-    now: int  # logical clock, one tick per match or insert
-
-    def nodes(self) -> list[Node]:
-        """Every node, pre-order DFS from the root."""
-        ...
 
 
 class EvictionPolicy(Protocol):
@@ -75,54 +75,23 @@ class EvictionPolicy(Protocol):
         ...
 
 
-def _cached_frontier(tree: TreeView) -> list[Node]:
-    """Cached, unlocked nodes with no cached descendant."""
-    out: list[Node] = []
-    has_cached: dict[int, bool] = {}
-    order = tree.nodes()
-    for n in reversed(order):  # children before parents (nodes() is a pre-order DFS)
-        below = any(c.slots is not None or has_cached[id(c)] for c in n.children.values())
-        has_cached[id(n)] = below
-        if n.slots is not None and not below and n.lock_ref == 0:
-            out.append(n)
-    return out
-
-
-def _evictable(n: Node) -> bool:
-    return n.parent is not None and n.slots is not None and n.lock_ref == 0
-
-
-class LRULeaf:
-    name = "lru-leaf"
-    partial = False
-
-    def victims(self, tree: TreeView, num_tokens: int) -> Iterator[Node]:
-        tie = itertools.count()
-        heap = [(n.last_access, next(tie), n) for n in _cached_frontier(tree)]
-        heapq.heapify(heap)
-        while heap:
-            _, _, n = heapq.heappop(heap)
-            if not _evictable(n) or n.has_cached_descendant():
-                continue
-            up = n.parent
-            while up is not None and up is not tree.root and up.slots is None:
-                up = up.parent
-            yield n
-            # Its nearest cached ancestor may now be a leaf of the cached set.
-            if up is not None and up is not tree.root and _evictable(up) \
-                    and not up.has_cached_descendant():
-                heapq.heappush(heap, (up.last_access, next(tie), up))
-
 
 class CostAware:
-    name = "cost-aware"
+    """``cost-aware``; with ``by_priority`` (``priority-cost``), SGLang's request priorities first: KV
+    only lower-priority requests inserted goes before any of a higher priority, cost-aware within one."""
+
     partial = True
 
-    def __init__(self, cost: RecomputeCost, tau: float = 32.0):
+    def __init__(self, cost: RecomputeCost, tau: float = 32.0, by_priority: bool = False):
         if tau <= 0:
             raise ValueError("tau must be > 0")
         self.cost = cost
         self.tau = tau
+        self.by_priority = by_priority
+        self.name = "priority-cost" if by_priority else "cost-aware"
+
+    def _key(self, n: Node, chunk: int, now: int) -> tuple[int, float]:
+        return (n.priority if self.by_priority else 0, self.priority(n, chunk, now))
 
     def priority(self, n: Node, chunk: int, now: int) -> float:
         """Of the part that would go: the node's head of ``chunk`` tokens (all of a shorter node)."""
@@ -135,29 +104,37 @@ class CostAware:
         chunk = max(P, -(-num_tokens // P) * P)
         tie = itertools.count()
         now = tree.now
-        heap = [(self.priority(n, chunk, now), next(tie), n) for n in tree.nodes()
+        heap = [(self._key(n, chunk, now), next(tie), n) for n in tree.nodes()
                 if n.slots is not None and n.lock_ref == 0]
         heapq.heapify(heap)
         while heap:
             _, _, n = heapq.heappop(heap)
-            if not _evictable(n):
+            if not evictable(n):
                 continue
             yield n
-            if _evictable(n):  # only its head was evicted; the rest stays a candidate
-                heapq.heappush(heap, (self.priority(n, chunk, now), next(tie), n))
+            if evictable(n):  # only its head was evicted; the rest stays a candidate
+                heapq.heappush(heap, (self._key(n, chunk, now), next(tie), n))
 
 
-def _cost_aware(recompute_cost: RecomputeCost | None, tau: float = 32.0) -> CostAware:
-    return CostAware(recompute_cost or SMOLLM2_135M, tau=float(tau))
+def _cost_aware(recompute_cost: RecomputeCost | None, tau: float = 32.0, by_priority: bool = False) -> CostAware:
+    return CostAware(recompute_cost or SMOLLM2_135M, tau=float(tau), by_priority=by_priority)
 
 
 # name -> factory(recompute cost of the served model or None for SmolLM2-135M's constants, **params)
 EVICTION_POLICIES: Mapping[str, Callable[..., EvictionPolicy]] = MappingProxyType({
-    LRULeaf.name: lambda _cost: LRULeaf(),
-    CostAware.name: _cost_aware,
+    "lru-leaf": lambda _cost: lru_leaf(),
+    "cost-aware": _cost_aware,
+    "priority-cost": lambda cost, **params: _cost_aware(cost, by_priority=True, **params),
+    # SGLang's own, leaves only, as SGLang's RadixCache evicts (sglang_holes.cache.leaf_policies).
+    "lru": lambda _cost: sglang_lru(),
+    "lfu": lambda _cost: sglang_lfu(),
+    "slru": lambda _cost, **params: sglang_slru(**params),
+    "priority": lambda _cost: sglang_priority(),
 })
 # The parameters each policy takes (``--radix-eviction-policy-config``).
-POLICY_PARAMS: Mapping[str, tuple[str, ...]] = MappingProxyType({LRULeaf.name: (), CostAware.name: ("tau",)})
+POLICY_PARAMS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "lru-leaf": (), "cost-aware": ("tau",), "priority-cost": ("tau",),
+    "lru": (), "lfu": (), "slru": ("protected_threshold",), "priority": ()})
 
 
 def make_policy(name: str, recompute_cost: RecomputeCost | None = None, **params: float) -> EvictionPolicy:

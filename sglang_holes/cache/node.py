@@ -21,10 +21,29 @@ class Segment(NamedTuple):
         return self.slots is not None
 
 
-class Node:
-    """One tree edge: ``key`` tokens starting at position ``start``; ``slots`` is None for a hole."""
+class InsertStats(NamedTuple):
+    """What an insert tells SGLang's per-node statistics: the request's ``priority`` (higher is kept
+    longer by the ``priority`` policy) and ``inserted_len``, the tokens of this key it inserted
+    before (its earlier prefill pieces), which count no second hit."""
 
-    __slots__ = ("children", "created", "hits", "key", "last_access", "lock_ref", "parent", "slots", "start")
+    priority: int = 0
+    inserted_len: int = 0
+
+
+NO_STATS = InsertStats()
+
+
+class Node:
+    """One tree edge: ``key`` tokens starting at position ``start``; ``slots`` is None for a hole.
+
+    Statistics (logical clock ticks, ``HoleTree.now``): ``hits``, ``last_access`` and ``created``
+    feed ``cost-aware`` and ``lru-leaf``; ``sg_access``, ``sg_hits`` and ``priority`` are SGLang's
+    ``last_access_time``, ``hit_count`` and ``priority`` with SGLang's semantics, for its own
+    policies (``sglang_holes.cache.leaf_policies``).
+    """
+
+    __slots__ = ("children", "created", "hits", "key", "last_access", "lock_ref", "parent", "priority", "sg_access",
+                 "sg_hits", "slots", "start")
 
     def __init__(self, key: tuple[int, ...], start: int, slots: torch.Tensor | None, parent: Node | None):
         self.key = key
@@ -36,6 +55,9 @@ class Node:
         self.hits = 0
         self.last_access = 0
         self.created = 0
+        self.sg_access = 0.0
+        self.sg_hits = 0
+        self.priority = 0
 
     @property
     def end(self) -> int:

@@ -19,9 +19,12 @@ from collections.abc import Sequence
 
 import torch
 
-from sglang_holes.cache.eviction import EvictionPolicy, LRULeaf
+from sglang_holes.cache.eviction import EvictionPolicy
+from sglang_holes.cache.leaf_policies import lru_leaf
 from sglang_holes.cache.node import (
+    NO_STATS,
     InsertResult,
+    InsertStats,
     MatchResult,
     Node,
     Segment,
@@ -38,7 +41,7 @@ class HoleTree:
     Args:
         page_size: tokens per page (keys compared by page; partial pages never cached).
         policy: an ``EvictionPolicy`` (``sglang_holes.cache.eviction.make_policy(name)``);
-            default ``LRULeaf()`` (stock SGLang: leaves only, least recently used first).
+            default ``lru_leaf()`` (leaves only, least recently used first).
             ``CostAware`` evicts the cheapest expected recompute per freed slot and may
             punch interior holes.
     """
@@ -49,10 +52,13 @@ class HoleTree:
         if policy is not None and not callable(getattr(policy, "victims", None)):
             raise TypeError(f"policy must be an EvictionPolicy (make_policy(name)), got {policy!r}")
         self.page_size = page_size
-        self.policy: EvictionPolicy = policy if policy is not None else LRULeaf()
+        self.policy: EvictionPolicy = policy if policy is not None else lru_leaf()
         self.root = Node((), 0, torch.zeros(0, dtype=torch.int64), None)
         self.root.lock_ref = 1  # never evicted, never removed
         self.now = 0  # logical clock: one tick per match or insert
+        # SGLang stamps a node it creates inside an operation after the nodes that operation walked
+        # (it reads its clock again): sub-stamps of the current tick keep that order for its policies.
+        self._sub = 0
         self.evictable_size = 0  # cached tokens in unlocked nodes
         self.protected_size = 0  # cached tokens in locked nodes
 
@@ -60,7 +66,13 @@ class HoleTree:
 
     def _tick(self) -> int:
         self.now += 1
+        self._sub = 0
         return self.now
+
+    def _stamp(self) -> float:
+        """A node created now, after everything this operation stamped before (``sg_access``)."""
+        self._sub += 1
+        return self.now + self._sub / 1024
 
     def _child_key(self, tokens: tuple[int, ...], pos: int) -> tuple[int, ...]:
         return tokens[pos : pos + self.page_size]
@@ -84,6 +96,8 @@ class HoleTree:
         upper = Node(node.key[:at], node.start, None if node.slots is None else node.slots[:at], parent)
         upper.lock_ref, upper.hits, upper.last_access = node.lock_ref, node.hits, node.last_access
         upper.created = node.created
+        # SGLang's split: the new upper node inherits hits and priority and is stamped now.
+        upper.sg_hits, upper.priority, upper.sg_access = node.sg_hits, node.priority, self._stamp()
         parent.children[self._child_key(node.key, 0)] = upper
         node.key = node.key[at:]
         node.start += at
@@ -92,11 +106,14 @@ class HoleTree:
         upper.children[self._child_key(node.key, 0)] = node
         return upper
 
-    def _walk(self, tokens: tuple[int, ...], split_end: bool = True) -> tuple[list[Node], int]:
+    def _walk(self, tokens: tuple[int, ...], split_end: bool = True,
+              stamp: float | None = None) -> tuple[list[Node], int]:
         """Nodes matching ``tokens`` from the root (whole pages) and the matched length.
 
         If the match ends inside a node: with ``split_end`` that node is split and its
-        upper part ends the path; without, the node itself ends the path (partially matched).
+        upper part ends the path, its lower part (the node itself) stamped ``sg_access = stamp`` (default
+        ``now``) as SGLang stamps a node before it splits it; without, the node ends the path (partially
+        matched).
         """
         path: list[Node] = []
         node, pos = self.root, 0
@@ -107,6 +124,8 @@ class HoleTree:
             n = self._common_len(child.key, tokens, pos)
             if n < len(child.key):
                 if n > 0:
+                    if split_end:
+                        child.sg_access = self.now if stamp is None else stamp
                     path.append(self._split(child, n) if split_end else child)
                     pos += n
                 break
@@ -142,14 +161,14 @@ class HoleTree:
         are updated. No KV is added, freed, locked or evicted.
         """
         toks = _as_tokens(tokens)
-        path, _ = self._walk(toks)
         now = self._tick()
+        path, _ = self._walk(toks)
         segments: list[Segment] = []
         handle_node = prefix_node = self.root
         in_prefix = True
         for node in path:
             node.hits += 1
-            node.last_access = now
+            node.last_access, node.sg_access = now, max(node.sg_access, now)  # a split upper keeps its stamp
             if segments and segments[-1].cached == (node.slots is not None):
                 last = segments[-1]
                 slots = None if last.slots is None else torch.cat([last.slots, node.slots])
@@ -173,8 +192,11 @@ class HoleTree:
         return MatchResult(segments, missing, reused, prefix, TreeHandle(handle_node), prefix_node)
 
     def insert(self, tokens: Sequence[int], slots: torch.Tensor | Sequence[int],
-               owned: torch.Tensor | None = None) -> InsertResult:
+               owned: torch.Tensor | None = None, stats: InsertStats = NO_STATS) -> InsertResult:
         """Store ``slots`` (one per token, any device) for ``tokens``: fill holes, add new nodes.
+
+        ``stats``: the inserting request's priority and how many of these tokens it inserted before,
+        for SGLang's per-node statistics (a node counts a hit when it ends past ``inserted_len``).
 
         Where the tree already holds KV, a given slot is rejected unless it is the tree's own.
         Which given slots are the tree's: ``owned`` (bool ``[len(tokens)]`` on the host, True
@@ -188,16 +210,19 @@ class HoleTree:
         if owned is not None and (owned.dtype != torch.bool or owned.shape != (len(toks),)):
             raise ValueError(f"owned must be a bool tensor of shape ({len(toks)},)")
         n = len(toks) - len(toks) % self.page_size
+        self._tick()
         path, _ = self._walk(toks[:n])
         last = path[-1] if path else self.root
         if owned is not None and not all(bool(owned[g.start : g.end].all()) for g in
                                          [*(x for x in path if x.slots is None), Segment(last.end, n, None)]):
             raise ValueError("a hole or a new node would take a slot the caller does not own")
         rejected = [given[n:]]
-        now = self._tick()
+        now = self.now
         for node in path:
             part = given[node.start : node.end]
-            node.last_access = now
+            node.last_access, node.sg_access = now, max(node.sg_access, now)  # a split upper keeps its stamp
+            node.priority = max(node.priority, stats.priority)
+            node.sg_hits += node.end > stats.inserted_len
             if node.slots is None:
                 node.slots = part.clone()
                 self._add_size(node, +1)
@@ -210,10 +235,26 @@ class HoleTree:
         if pos < n:
             new = Node(toks[pos:n], pos, given[pos:n].clone(), last)
             new.last_access, new.created, new.hits = now, now, 1  # computed for a request: used once
+            new.sg_access, new.priority, new.sg_hits = self._stamp(), stats.priority, int(n > stats.inserted_len)
             last.children[self._child_key(new.key, 0)] = new
             self._add_size(new, +1)
             last = new
         return InsertResult(torch.cat(rejected), TreeHandle(last))
+
+    def touch(self, tokens: Sequence[int], stats: InsertStats | None = None) -> None:
+        """Stamp the path of ``tokens`` as an SGLang insert of them would, without KV: ``sg_access``, and
+        with ``stats`` priority and hits (SGLang's re-insert of a request's prompt one priority up at its
+        checkpoint). Splits at the end of ``tokens`` (whole pages); no KV changes."""
+        toks = _as_tokens(tokens)
+        # Part of the operation that just inserted (no tick of the clock cost-aware reads), but later
+        # within it, as SGLang reads its clock again.
+        now = self._stamp()
+        path, _ = self._walk(toks[: len(toks) - len(toks) % self.page_size], stamp=now)
+        for node in path:
+            node.sg_access = max(node.sg_access, now)
+            if stats is not None:
+                node.priority = max(node.priority, stats.priority)
+                node.sg_hits += node.end > stats.inserted_len
 
     def lock(self, handle: TreeHandle) -> None:
         """Pin the handle's node and all its ancestors (nested locks count)."""

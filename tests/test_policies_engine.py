@@ -1,0 +1,47 @@
+"""SGLang's own eviction policies with the ``holes`` cache, in the real engine.
+
+A deployment that relies on request priorities keeps them with hole filling:
+``--radix-eviction-policy priority`` evicts the KV of low-priority requests first (the order
+``tests/test_sglang_policies.py`` proves equal to SGLang's cache), and a request whose cached
+prompt lost an interior span still recomputes only that span.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+POOL = 2000
+SAMPLING = {"max_new_tokens": 1, "temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def priority_engine(engines, tiny_llama: Path) -> object:
+    return engines.start(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
+                         radix_cache_backend="holes", radix_eviction_policy="priority", max_total_tokens=POOL)
+
+
+def _ask(eng, ids: list[int], priority: int) -> dict:
+    return eng.generate(input_ids=ids, sampling_params=SAMPLING, priority=priority)["meta_info"]
+
+
+def test_priority_keeps_high_priority_kv_and_fills_holes(priority_engine):
+    eng = priority_engine
+    state = eng.get_server_info()["internal_states"][0]["sglang_holes"]["cache"]
+    assert state["policy"] == "priority" and state["hole_batches"] == "on", state
+    rng = random.Random(3)
+    prompt = lambda: [rng.randrange(3, 2000) for _ in range(500)]  # noqa: E731
+    high, low = prompt(), prompt()
+    _ask(eng, high, priority=5)  # first in: LRU would evict it first
+    _ask(eng, low, priority=0)
+    for _ in range(4):  # 2,000 more tokens at priority 1 in a 2,000-token pool: constant eviction
+        _ask(eng, prompt(), priority=1)
+    assert _ask(eng, high, priority=5)["cached_tokens"] >= 496  # kept: every prompt page but the last token's
+    assert _ask(eng, low, priority=0)["cached_tokens"] == 0  # the lowest priority went first
+    assert eng.evict_span(high, 100, 180) == 80
+    meta = _ask(eng, high, priority=5)
+    assert meta["hole_spans"] == [[100, 180], [499, 500]] and meta["cached_tokens"] == 419, meta
