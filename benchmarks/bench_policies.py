@@ -9,8 +9,9 @@ prompt, a 1,500-token document per session, then turns of a 40-token question an
 8-token answer), interleaved in a seeded random order. The pool (``--pool`` tokens) holds
 well under half of the sessions' contexts, so the cache evicts all the time:
 
-* ``lru`` (SGLang's flag value; ``lru-leaf`` in HoleTree): stock behaviour, leaves only,
-  least recently used first: the cache stays prefix-closed;
+* ``lru``: SGLang's own, leaves only, least recently used first (evicting what SGLang's cache
+  evicts; the results of 2026-11-26 ran ``lru-leaf``, this project's earlier equivalent): the
+  cache stays prefix-closed;
 * ``cost-aware``: the cheapest expected recompute per freed slot, anywhere: it punches
   holes at the start of documents and keeps their expensive tails, which later requests
   refill as holes.

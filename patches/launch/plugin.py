@@ -48,7 +48,7 @@ def load() -> None:
 
 
 def _add_eviction_policy_choices() -> None:
-    """``--radix-eviction-policy cost-aware`` (and ``lru-leaf``): SGLang's own flag selects our policies."""
+    """``--radix-eviction-policy cost-aware`` (``priority-cost``, ``lru-leaf``): SGLang's own flag selects ours."""
     from sglang.srt.arg_groups.choices import RADIX_EVICTION_POLICY_CHOICES, add_radix_eviction_policy_choices
 
     add_radix_eviction_policy_choices([p for p in EVICTION_POLICIES if p not in RADIX_EVICTION_POLICY_CHOICES])

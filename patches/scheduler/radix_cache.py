@@ -4,7 +4,8 @@ Selected with ``--radix-cache-backend holes`` (registered through SGLang's radix
 ``patches/launch/plugin.py``, built by ``patches/scheduler/cache_factory.py``). Eviction policy:
 SGLang's own ``--radix-eviction-policy`` (``HolesConfig.eviction_policy``): ``cost-aware`` (the
 default with this cache: may punch interior holes where recompute is cheapest; its FLOP constants
-come from the served model's config) or ``lru`` (stock behaviour, ``lru-leaf``).
+come from the served model's config), ``priority-cost``, or SGLang's own ``lru``, ``lfu``, ``slru``,
+``priority`` (leaves only, as SGLang evicts them).
 
 What SGLang sees (``match_prefix``): without KV beyond a hole, the leading cached run as the
 prefix, as stock SGLang. With KV beyond a hole, *virtual order* (``HoleFill``): every reused token
