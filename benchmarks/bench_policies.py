@@ -1,6 +1,6 @@
 """Eviction policies end to end: the same multi-session stream through a small-pool server, per policy.
 
-    .venv/bin/python benchmarks/bench_policies.py [--sessions 6] [--turns 8] [--pool 5000] [--out benchmarks/results]
+    .venv/bin/python benchmarks/bench_policies.py [--sessions 6] [--turns 8] [--pools 5000 2500] [--out ...]
 
 One real engine per policy (embedded SmolLM2-135M, CPU, torch_native, fp32, the ``holes``
 cache, SGLang's default chunked prefill), started one after the other, serves the same
@@ -16,9 +16,11 @@ well under half of the sessions' contexts, so the cache evicts all the time:
   holes at the start of documents and keeps their expensive tails, which later requests
   refill as holes.
 
-Per policy: prompt tokens computed (``prompt_tokens - cached_tokens`` summed over
-requests), requests that ran as hole requests, and TTFT (wall time of a 1-token
-generate), mean and p90. Writes policies.json, policies.md and policies.png.
+Per policy and pool: prompt tokens computed (``prompt_tokens - cached_tokens``) and their FLOPs
+(the spans of ``meta_info["hole_spans"]``), next to what the simulator predicts for the same
+stream (``policy_replay.replay``), requests whose computed tokens the simulator predicted exactly,
+hole requests, and TTFT (wall time of a 1-token generate), mean and p90. Writes policies.json,
+policies.md and policies.png.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ import time
 from pathlib import Path
 
 from bench_startup import cpu_name  # benchmarks/ is on sys.path when run as a script
+from policy_replay import replay, span_flops
 from tqdm import tqdm
+
+from sglang_holes.cache.recompute_cost import SMOLLM2_135M
 
 POLICIES = ("lru", "cost-aware")
 ONE = {"max_new_tokens": 1, "temperature": 0.0}
@@ -60,34 +65,43 @@ def run(policy: str, model: str, requests: list[list[int]], pool: int) -> dict:
 
     eng = sglang_holes.Engine(model_path=model, radix_eviction_policy=policy, max_total_tokens=pool,
                               log_level="error", random_seed=0)
-    ttft, computed = [], 0
+    ttft, computed, flops = [], [], []
     try:
         eng.generate(input_ids=requests[0][:64], sampling_params=ONE)  # warm-up, then start clean
         eng.flush_cache()
-        for ids in tqdm(requests, desc=policy, unit="req"):
+        for ids in tqdm(requests, desc=f"{policy} @ {pool}", unit="req"):
             t0 = time.perf_counter()
             meta = eng.generate(input_ids=ids, sampling_params=ONE)["meta_info"]
             ttft.append(time.perf_counter() - t0)
-            computed += meta["prompt_tokens"] - meta["cached_tokens"]
+            computed.append(meta["prompt_tokens"] - meta["cached_tokens"])
+            flops.append(span_flops(meta["hole_spans"], SMOLLM2_135M))  # the spans the engine computed
         stats = eng.get_server_info()["internal_states"][0]["sglang_holes"]["cache"]["stats"]
     finally:
         shutdown_all([eng])
+    sim = replay(policy, requests, pool, SMOLLM2_135M)
     ordered = sorted(ttft)
-    return {"policy": policy, "requests": len(requests), "prompt_tokens": sum(map(len, requests)),
-            "computed_tokens": computed, "hole_requests": stats["hole_requests"],
+    return {"policy": policy, "pool": pool, "requests": len(requests), "prompt_tokens": sum(map(len, requests)),
+            "computed_tokens": sum(computed), "flops": sum(flops), "hole_requests": stats["hole_requests"],
+            "sim_computed_tokens": sum(o.computed for o in sim), "sim_flops": sum(o.flops for o in sim),
+            "sim_hole_requests": sum(o.holes for o in sim),
+            "requests_agreeing": sum(o.computed == c for o, c in zip(sim, computed, strict=True)),
             "ttft_mean_s": statistics.fmean(ttft), "ttft_p90_s": ordered[int(0.9 * (len(ordered) - 1))],
-            "ttft_s": ttft}
+            "ttft_s": ttft, "computed": computed}
 
 
 def write(rows: list[dict], machine: str, args: argparse.Namespace) -> None:
-    base = rows[0]
     lines = [f"Machine: {machine}. `python benchmarks/bench_policies.py --sessions {args.sessions} "
-             f"--turns {args.turns} --pool {args.pool}` (one run, same stream for every policy).", "",
-             "| policy | requests | prompt tokens | computed tokens | vs lru | hole requests | TTFT mean s "
-             "| TTFT p90 s |", "|---|---|---|---|---|---|---|---|"]
+             f"--turns {args.turns} --pools {' '.join(map(str, args.pools))}` (one run, the same stream for every "
+             "policy and pool; prompt FLOPs = attention + linear layers of the computed spans, "
+             "`RecomputeCost` of SmolLM2-135M; simulator: `benchmarks/policy_replay.py` on the same stream).", "",
+             "| pool | policy | computed tokens: engine / simulator | prompt TFLOP: engine / simulator | "
+             "FLOPs vs lru | requests agreeing | hole requests | TTFT mean s | TTFT p90 s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['requests']} | {r['prompt_tokens']} | {r['computed_tokens']} | "
-                     f"{r['computed_tokens'] / base['computed_tokens']:.2f}x | {r['hole_requests']} | "
+        base = next(b for b in rows if b["pool"] == r["pool"] and b["policy"] == "lru")
+        lines.append(f"| {r['pool']} | {r['policy']} | {r['computed_tokens']} / {r['sim_computed_tokens']} | "
+                     f"{r['flops'] / 1e12:.2f} / {r['sim_flops'] / 1e12:.2f} | {r['flops'] / base['flops']:.3f}x | "
+                     f"{r['requests_agreeing']}/{r['requests']} | {r['hole_requests']} / {r['sim_hole_requests']} | "
                      f"{r['ttft_mean_s']:.3f} | {r['ttft_p90_s']:.3f} |")
     (args.out / "policies.md").write_text("\n".join(lines) + "\n")
     (args.out / "policies.json").write_text(json.dumps({"machine": machine, "args": {
@@ -97,14 +111,15 @@ def write(rows: list[dict], machine: str, args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        ax.plot(range(1, len(r["ttft_s"]) + 1), sorted(r["ttft_s"]), label=f"{r['policy']} "
-                f"({r['computed_tokens']} tokens computed)")
-    ax.set_xlabel("requests, sorted by TTFT")
-    ax.set_ylabel("TTFT (s)")
-    ax.set_title(f"Same stream, pool of {args.pool} tokens: eviction policies")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(args.pools), figsize=(6 * len(args.pools), 4), squeeze=False)
+    for ax, pool in zip(axes[0], args.pools, strict=True):
+        for r in (r for r in rows if r["pool"] == pool):
+            ax.plot(range(1, len(r["ttft_s"]) + 1), sorted(r["ttft_s"]), label=f"{r['policy']} "
+                    f"({r['flops'] / 1e12:.2f} TFLOP computed)")
+        ax.set_xlabel("requests, sorted by TTFT")
+        ax.set_ylabel("TTFT (s)")
+        ax.set_title(f"pool of {pool} tokens")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(args.out / "policies.png", dpi=120)
 
@@ -113,14 +128,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=6)
     ap.add_argument("--turns", type=int, default=8)
-    ap.add_argument("--pool", type=int, default=5000, help="KV pool size in tokens (max_total_tokens)")
+    ap.add_argument("--pools", type=int, nargs="+", default=[5000, 2500],
+                    help="KV pool sizes in tokens (max_total_tokens)")
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     from sglang_holes.model import prepare_embedded_model
 
     model = str(prepare_embedded_model())
     requests = stream(args.sessions, args.turns)
-    rows = [run(p, model, requests, args.pool) for p in POLICIES]
+    rows = [run(p, model, requests, pool) for pool in args.pools for p in args.policies]
     machine = f"{cpu_name()}, {os.cpu_count()} cores, CPU only (torch_native, fp32), SmolLM2-135M"
     args.out.mkdir(parents=True, exist_ok=True)
     write(rows, machine, args)

@@ -45,3 +45,49 @@ def test_priority_keeps_high_priority_kv_and_fills_holes(priority_engine):
     assert eng.evict_span(high, 100, 180) == 80
     meta = _ask(eng, high, priority=5)
     assert meta["hole_spans"] == [[100, 180], [499, 500]] and meta["cached_tokens"] == 419, meta
+
+
+def _sessions(seed: int, sessions: int = 4, turns: int = 8, doc: int = 500) -> list[list[int]]:
+    """Chat sessions over documents, interleaved at random (bench_policies' stream, scaled to the tiny pool)."""
+    rng = random.Random(seed)
+    words = lambda n: [rng.randrange(3, 2000) for _ in range(n)]  # noqa: E731
+    system = words(100)
+    history = {s: system + words(doc) for s in range(sessions)}
+    order = [s for s in range(sessions) for _ in range(turns)]
+    rng.shuffle(order)
+    out = []
+    for s in order:
+        history[s] = history[s] + words(30)
+        out.append(list(history[s]))
+        history[s] = history[s] + words(8)
+    return out
+
+
+@pytest.mark.parametrize("which", ["cost-aware", "priority"])
+def test_the_simulator_predicts_the_engine_request_by_request(which, tiny_engines, priority_engine, tiny_llama):
+    """Issue 22 item 1: ``benchmarks/policy_replay.py`` (a HoleTree doing what SGLang does around one
+    request at a time) predicts the prompt tokens the engine computes for every request of a stream
+    that evicts all the time, with holes under ``cost-aware``: exactly, not within a tolerance."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from policy_replay import replay
+
+    from sglang_holes.cache.recompute_cost import RecomputeCost
+    from tests.conftest import TINY_POOL
+
+    eng, pool = (tiny_engines[0], TINY_POOL) if which == "cost-aware" else (priority_engine, POOL)
+    assert eng.flush_cache().success  # a clean tree and clock, as the simulator starts
+    requests = _sessions(seed=5)
+    cost = RecomputeCost.from_config(json.loads((tiny_llama / "config.json").read_text()))
+    before = _stats(eng)["hole_requests"]
+    got = [_ask(eng, ids, priority=0) for ids in requests]
+    want = replay(which, requests, pool, cost)
+    assert [m["prompt_tokens"] - m["cached_tokens"] for m in got] == [o.computed for o in want]
+    holes = _stats(eng)["hole_requests"] - before
+    assert holes == sum(o.holes for o in want) and (holes > 0) == (which == "cost-aware")
+
+
+def _stats(eng) -> dict:
+    return eng.get_server_info()["internal_states"][0]["sglang_holes"]["cache"]["stats"]
