@@ -1,0 +1,202 @@
+"""Eviction policies on streams that stand for real use, at 10-50% cache: prompt FLOPs per policy.
+
+    .venv/bin/python benchmarks/bench_policy_streams.py [--requests 150] [--fractions 0.1 0.25 0.5]
+        [--engine chat --engine-requests 40 --engine-fraction 0.25]
+
+Streams (fixed seeds; answers join the next prompt of their session, generations are 1 token):
+
+* ``chat``: a shared 256-token system prompt; 16 sessions over a document of 1k-6k tokens
+  (log-uniform), turns of a 40-token question and a 60-token answer; Zipf(1.1) popularity.
+* ``agent``: 6 agents after the shared prompt, each step appending a 200-1,500-token tool output
+  and a 60-token action; Zipf(1.1) over agents; an agent starts afresh past 12k tokens.
+* ``rag``: the shared prompt, then 4 of 60 documents (300-1,000 tokens, Zipf(1.0)) in random
+  order, then a 40-token question.
+
+The pool is a fraction of the stream's distinct tokens (at least its longest prompt). Every
+policy is replayed with ``policy_replay.replay``, which predicts the ``holes`` engine request by
+request (``policies.md``: 48/48 on the engine's stream; ``tests/test_policies_engine.py``), and
+FLOPs are SmolLM2-135M's (the served model). ``--engine STREAM`` also serves that stream through
+the real engine for ``lru`` and ``cost-aware`` (TTFT, and the computed tokens next to the replay's).
+Writes ``policy_streams.md`` and ``policy_streams.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench_startup import cpu_name  # benchmarks/ is on sys.path when run as a script
+from policy_replay import replay
+from tqdm import tqdm
+
+from sglang_holes.cache.recompute_cost import SMOLLM2_135M
+
+POLICIES = ("lru", "lfu", "slru", "cost-aware")
+ONE = {"max_new_tokens": 1, "temperature": 0.0}
+
+
+def _zipf(rng: random.Random, n: int, s: float) -> int:
+    return rng.choices(range(n), [1 / (k + 1) ** s for k in range(n)])[0]
+
+
+def _words(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(3, 40000) for _ in range(n)]
+
+
+def chat(num: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    system = _words(rng, 256)
+    sessions = [system + _words(rng, int(2 ** rng.uniform(10, 12.6))) for _ in range(16)]
+    out = []
+    for _ in range(num):
+        s = _zipf(rng, len(sessions), 1.1)
+        sessions[s] = sessions[s] + _words(rng, 40)
+        out.append(list(sessions[s]))
+        sessions[s] = sessions[s] + _words(rng, 60)
+    return out
+
+
+def agent(num: int, seed: int = 1) -> list[list[int]]:
+    rng = random.Random(seed)
+    system = _words(rng, 256)
+    ctx = [list(system) for _ in range(6)]
+    out = []
+    for _ in range(num):
+        a = _zipf(rng, len(ctx), 1.1)
+        ctx[a] = ctx[a] + _words(rng, rng.randint(200, 1500))
+        out.append(list(ctx[a]))
+        ctx[a] = ctx[a] + _words(rng, 60)
+        if len(ctx[a]) > 12_000:
+            ctx[a] = list(system)
+    return out
+
+
+def rag(num: int, seed: int = 2) -> list[list[int]]:
+    rng = random.Random(seed)
+    system = _words(rng, 256)
+    docs = [_words(rng, rng.randint(300, 1000)) for _ in range(60)]
+    out = []
+    for _ in range(num):
+        picked: list[int] = []
+        while len(picked) < 4:
+            d = _zipf(rng, len(docs), 1.0)
+            if d not in picked:
+                picked.append(d)
+        out.append(system + [t for d in picked for t in docs[d]] + _words(rng, 40))
+    return out
+
+
+STREAMS: dict[str, Callable[[int], list[list[int]]]] = {"chat": chat, "agent": agent, "rag": rag}
+
+
+def pool_for(requests: list[list[int]], fraction: float) -> int:
+    """``fraction`` of the stream's distinct prompt tokens (what a cache holding every prompt would hold:
+    a radix tree of them all), at least the longest prompt plus 64 tokens of slack."""
+    import torch
+
+    from sglang_holes import HoleTree
+
+    tree, slot = HoleTree(), 0
+    for r in requests:
+        tree.insert(r, torch.arange(slot, slot + len(r)))
+        slot += len(r)
+    return max(int(fraction * tree.total_size), max(map(len, requests)) + 64)
+
+
+def replay_grid(requests: list[list[int]], fractions: list[float]) -> list[dict]:
+    rows = []
+    for fraction in fractions:
+        pool = pool_for(requests, fraction)
+        base = None
+        for policy in POLICIES:
+            out = replay(policy, requests, pool, SMOLLM2_135M)
+            flops = sum(o.flops for o in out)
+            base = flops if policy == "lru" else base
+            rows.append({"fraction": fraction, "pool": pool, "policy": policy, "flops": flops,
+                         "computed": sum(o.computed for o in out), "hole_requests": sum(o.holes for o in out),
+                         "vs_lru": flops / base})
+    return rows
+
+
+def engine_run(policy: str, requests: list[list[int]], pool: int) -> dict:
+    import sglang_holes
+    from sglang_holes.model import prepare_embedded_model
+    from sglang_holes.patches.launch.engine import shutdown_all
+
+    eng = sglang_holes.Engine(model_path=str(prepare_embedded_model()), radix_eviction_policy=policy,
+                              max_total_tokens=pool, log_level="error", random_seed=0)
+    ttft, computed = [], []
+    try:
+        eng.generate(input_ids=requests[0][:64], sampling_params=ONE)
+        eng.flush_cache()
+        for ids in tqdm(requests, desc=f"engine {policy}", unit="req"):
+            t0 = time.perf_counter()
+            meta = eng.generate(input_ids=ids, sampling_params=ONE)["meta_info"]
+            ttft.append(time.perf_counter() - t0)
+            computed.append(meta["prompt_tokens"] - meta["cached_tokens"])
+    finally:
+        shutdown_all([eng])
+    sim = replay(policy, requests, pool, SMOLLM2_135M)
+    ordered = sorted(ttft)
+    return {"policy": policy, "pool": pool, "computed": sum(computed), "sim_computed": sum(o.computed for o in sim),
+            "agreeing": sum(o.computed == c for o, c in zip(sim, computed, strict=True)), "requests": len(requests),
+            "flops": sum(o.flops for o in sim), "ttft_mean_s": statistics.fmean(ttft),
+            "ttft_p90_s": ordered[int(0.9 * (len(ordered) - 1))]}
+
+
+def write(grid: dict[str, list[dict]], engine: list[dict], args: argparse.Namespace, machine: str) -> None:
+    lines = [f"# Eviction policies on use-like streams ({machine})", "",
+             f"`python benchmarks/bench_policy_streams.py --requests {args.requests} --fractions "
+             f"{' '.join(map(str, args.fractions))}`: prompt FLOPs (SmolLM2-135M, attention + linear) of every "
+             "request, replayed with `policy_replay.replay` (exact against the engine, see policies.md); "
+             "pool = fraction of the stream's distinct prompt tokens.", "",
+             "| stream | cache | pool | " + " | ".join(f"`{p}` FLOPs vs lru" for p in POLICIES) + " | hole requests "
+             "(cost-aware) |", "|---|---|---|" + "---:|" * (len(POLICIES) + 1)]
+    for name, rows in grid.items():
+        for fraction in args.fractions:
+            sel = {r["policy"]: r for r in rows if r["fraction"] == fraction}
+            cells = " | ".join(f"{sel[p]['vs_lru']:.3f}" for p in POLICIES)
+            lines.append(f"| {name} | {fraction:.0%} | {sel['lru']['pool']} | {cells} | "
+                         f"{sel['cost-aware']['hole_requests']}/{args.requests} |")
+    if engine:
+        lines += ["", f"Engine, `--engine {args.engine} --engine-requests {args.engine_requests} --engine-fraction "
+                  f"{args.engine_fraction}` (CPU, one run):", "",
+                  "| policy | pool | computed tokens: engine / replay | requests agreeing | TTFT mean s | TTFT p90 s |",
+                  "|---|---|---|---|---|---|"]
+        for r in engine:
+            lines.append(f"| {r['policy']} | {r['pool']} | {r['computed']} / {r['sim_computed']} | "
+                         f"{r['agreeing']}/{r['requests']} | {r['ttft_mean_s']:.3f} | {r['ttft_p90_s']:.3f} |")
+    (args.out / "policy_streams.md").write_text("\n".join(lines) + "\n")
+    (args.out / "policy_streams.json").write_text(json.dumps({"grid": grid, "engine": engine}, indent=1))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=150)
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    ap.add_argument("--engine", choices=sorted(STREAMS), default=None)
+    ap.add_argument("--engine-requests", type=int, default=40)
+    ap.add_argument("--engine-fraction", type=float, default=0.25)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args()
+    grid = {name: replay_grid(make(args.requests), args.fractions) for name, make in
+            tqdm(STREAMS.items(), desc="streams")}
+    engine = []
+    if args.engine:
+        requests = STREAMS[args.engine](args.engine_requests)
+        pool = pool_for(requests, args.engine_fraction)
+        engine = [engine_run(p, requests, pool) for p in ("lru", "cost-aware")]
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
+    args.out.mkdir(parents=True, exist_ok=True)
+    write(grid, engine, args, machine)
+
+
+if __name__ == "__main__":
+    main()
