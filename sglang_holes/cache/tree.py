@@ -72,7 +72,7 @@ class HoleTree:
     def _stamp(self) -> float:
         """A node created now, after everything this operation stamped before (``sg_access``)."""
         self._sub += 1
-        return self.now + self._sub / 1024
+        return self.now + min(self._sub, 1023) / 1024  # never into the next tick
 
     def _child_key(self, tokens: tuple[int, ...], pos: int) -> tuple[int, ...]:
         return tokens[pos : pos + self.page_size]
