@@ -78,7 +78,7 @@ def run(policy: str, model: str, requests: list[list[int]], pool: int) -> dict:
         stats = eng.get_server_info()["internal_states"][0]["sglang_holes"]["cache"]["stats"]
     finally:
         shutdown_all([eng])
-    sim = replay(policy, requests, pool, SMOLLM2_135M)
+    sim = replay(policy, requests, pool, SMOLLM2_135M, chunk=4096)  # SGLang's chunked prefill here
     ordered = sorted(ttft)
     return {"policy": policy, "pool": pool, "requests": len(requests), "prompt_tokens": sum(map(len, requests)),
             "computed_tokens": sum(computed), "flops": sum(flops), "hole_requests": stats["hole_requests"],

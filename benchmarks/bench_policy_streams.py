@@ -109,13 +109,13 @@ def pool_for(requests: list[list[int]], fraction: float) -> int:
     return max(int(fraction * tree.total_size), max(map(len, requests)) + 64)
 
 
-def replay_grid(requests: list[list[int]], fractions: list[float]) -> list[dict]:
+def replay_grid(requests: list[list[int]], fractions: list[float], chunk: int) -> list[dict]:
     rows = []
     for fraction in fractions:
         pool = pool_for(requests, fraction)
         base = None
         for policy in POLICIES:
-            out = replay(policy, requests, pool, SMOLLM2_135M)
+            out = replay(policy, requests, pool, SMOLLM2_135M, chunk)
             flops = sum(o.flops for o in out)
             base = flops if policy == "lru" else base
             rows.append({"fraction": fraction, "pool": pool, "policy": policy, "flops": flops,
@@ -124,13 +124,13 @@ def replay_grid(requests: list[list[int]], fractions: list[float]) -> list[dict]
     return rows
 
 
-def engine_run(policy: str, requests: list[list[int]], pool: int) -> dict:
+def engine_run(policy: str, requests: list[list[int]], pool: int, chunk: int) -> dict:
     import sglang_holes
     from sglang_holes.model import prepare_embedded_model
     from sglang_holes.patches.launch.engine import shutdown_all
 
     eng = sglang_holes.Engine(model_path=str(prepare_embedded_model()), radix_eviction_policy=policy,
-                              max_total_tokens=pool, log_level="error", random_seed=0)
+                              max_total_tokens=pool, chunked_prefill_size=chunk, log_level="error", random_seed=0)
     ttft, computed = [], []
     try:
         eng.generate(input_ids=requests[0][:64], sampling_params=ONE)
@@ -142,18 +142,20 @@ def engine_run(policy: str, requests: list[list[int]], pool: int) -> dict:
             computed.append(meta["prompt_tokens"] - meta["cached_tokens"])
     finally:
         shutdown_all([eng])
-    sim = replay(policy, requests, pool, SMOLLM2_135M)
+    sim = replay(policy, requests, pool, SMOLLM2_135M, chunk)
     ordered = sorted(ttft)
     return {"policy": policy, "pool": pool, "computed": sum(computed), "sim_computed": sum(o.computed for o in sim),
             "agreeing": sum(o.computed == c for o, c in zip(sim, computed, strict=True)), "requests": len(requests),
             "flops": sum(o.flops for o in sim), "ttft_mean_s": statistics.fmean(ttft),
-            "ttft_p90_s": ordered[int(0.9 * (len(ordered) - 1))]}
+            "ttft_p90_s": ordered[int(0.9 * (len(ordered) - 1))], "computed_per_request": computed,
+            "replay_per_request": [o.computed for o in sim]}
 
 
 def write(grid: dict[str, list[dict]], engine: list[dict], args: argparse.Namespace, machine: str) -> None:
     lines = [f"# Eviction policies on use-like streams ({machine})", "",
              f"`python benchmarks/bench_policy_streams.py --requests {args.requests} --fractions "
-             f"{' '.join(map(str, args.fractions))}`: prompt FLOPs (SmolLM2-135M, attention + linear) of every "
+             f"{' '.join(map(str, args.fractions))} --chunk {args.chunk}`: prompt FLOPs (SmolLM2-135M, attention + "
+             "linear) of every "
              "request, replayed with `policy_replay.replay` (exact against the engine, see policies.md); "
              "pool = fraction of the stream's distinct prompt tokens.", "",
              "| stream | cache | pool | " + " | ".join(f"`{p}` FLOPs vs lru" for p in POLICIES) + " | hole requests "
@@ -184,15 +186,17 @@ def main() -> None:
     ap.add_argument("--engine", choices=sorted(STREAMS), default=None)
     ap.add_argument("--engine-requests", type=int, default=40)
     ap.add_argument("--engine-fraction", type=float, default=0.25)
+    ap.add_argument("--chunk", type=int, default=4096,
+                    help="SGLang's chunked-prefill size (its default on this CPU), for the engine and the replay")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
-    grid = {name: replay_grid(make(args.requests), args.fractions) for name, make in
+    grid = {name: replay_grid(make(args.requests), args.fractions, args.chunk) for name, make in
             tqdm(STREAMS.items(), desc="streams")}
     engine = []
     if args.engine:
         requests = STREAMS[args.engine](args.engine_requests)
         pool = pool_for(requests, args.engine_fraction)
-        engine = [engine_run(p, requests, pool) for p in ("lru", "cost-aware")]
+        engine = [engine_run(p, requests, pool, args.chunk) for p in ("lru", "cost-aware")]
     machine = f"{cpu_name()}, {os.cpu_count()} cores"
     args.out.mkdir(parents=True, exist_ok=True)
     write(grid, engine, args, machine)

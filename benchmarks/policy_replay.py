@@ -1,15 +1,18 @@
 """The eviction simulator, replaying exactly what the engine does with a sequential request stream.
 
-``replay(policy, requests, pool)`` predicts, per request, the prompt tokens the ``holes`` engine
-computes and their FLOPs, from a ``HoleTree`` with the same policy and pool, doing what SGLang
-0.5.23 does around it for one request at a time (page size 1, 1-token generations, every prompt
-within one chunked-prefill piece):
+``replay(policy, requests, pool, cost, chunk)`` predicts, per request, the prompt tokens the
+``holes`` engine computes and their FLOPs, from a ``HoleTree`` with the same policy and pool,
+doing what SGLang 0.5.23 does around it for one request at a time (page size 1, 1-token
+generations):
 
 * the match covers the prompt but its last token (SGLang always computes the last position: its
   logits are the answer), and admission locks the matched path;
-* the extend allocates one slot per missing position; if the pool falls short, the cache is asked
-  to evict exactly the shortfall (``evict_to_free_tokens``), never what the request locked;
-* the finished request's prompt goes into the tree (duplicates freed), then its lock is released.
+* the missing positions are prefilled in position order, in pieces of ``chunk`` (SGLang's
+  chunked prefill); each piece allocates one slot per position, and if the pool falls short the
+  cache is asked to evict exactly the shortfall (``evict_to_free_tokens``), never what the request
+  locked; after each piece the checkpoint inserts everything before the first position not yet
+  computed, which the request then keeps locked;
+* the finished request's prompt goes into the tree (duplicates freed), then its locks are released.
 
 FLOPs are ``RecomputeCost.span`` (attention + linear layers) of every computed span, the model's
 constants; the engine side reads the same spans from ``meta_info["hole_spans"]``.
@@ -37,32 +40,45 @@ def span_flops(spans: list[tuple[int, int]] | list[list[int]], cost: RecomputeCo
     return sum(cost.span(s, e) for s, e in spans)
 
 
-def replay(policy: str, requests: list[list[int]], pool: int, cost: RecomputeCost) -> list[Outcome]:
+def replay(policy: str, requests: list[list[int]], pool: int, cost: RecomputeCost,
+           chunk: int | None = None) -> list[Outcome]:
+    """Per request, what the engine computes. ``chunk``: SGLang's chunked-prefill size (None: every
+    request in one piece): a request computing more is prefilled in pieces of ``chunk`` positions,
+    each allocated (evicting the shortfall) and checkpointed into the tree before the next."""
     tree = HoleTree(policy=make_policy(policy, cost))
     free = torch.arange(1, pool + 1)  # slot 0 is SGLang's padding slot
     out = []
     for prompt in requests:
         n = len(prompt)
         match = tree.match(prompt[:-1])
-        spans = [(s, e) for s, e in match.missing if e <= n - 1] + [(n - 1, n)]
-        spans = _merge(spans)
+        handles = [match.handle]
         tree.lock(match.handle)
-        need = n - match.reused_tokens
-        short = need - free.numel()
-        if short > 0:
-            free = torch.cat([free, tree.evict(min(short, tree.evictable_size))])
-        if need > free.numel():
-            raise RuntimeError(f"the pool of {pool} tokens cannot hold a request of {n} tokens")
         row = torch.empty(n, dtype=torch.int64)
         computed = torch.ones(n, dtype=torch.bool)
         for s, e, slots in match.segments:
             if slots is not None:
                 row[s:e] = slots
                 computed[s:e] = False
-        new, free = free[:need], free[need:]
-        row[computed] = new
-        free = torch.cat([free, tree.insert(prompt, row).rejected_slots])
-        tree.unlock(match.handle)
+        order = computed.nonzero().flatten()  # virtual order: the missing positions, ascending
+        need, done = order.numel(), 0
+        while done < need:
+            piece = order[done : done + (chunk or need)]
+            short = piece.numel() - free.numel()
+            if short > 0:
+                free = torch.cat([free, tree.evict(min(short, tree.evictable_size))])
+            if piece.numel() > free.numel():
+                raise RuntimeError(f"the pool of {pool} tokens cannot hold a piece of {piece.numel()} tokens")
+            row[piece], free = free[: piece.numel()], free[piece.numel() :]
+            done += piece.numel()
+            up_to = n if done == need else int(order[done])  # everything before the first uncomputed position
+            result = tree.insert(prompt[:up_to], row[:up_to])  # the checkpoint after each piece
+            free = torch.cat([free, result.rejected_slots])
+            if done < need:  # the request keeps reading what it handed to the tree
+                tree.lock(result.handle)
+                handles.append(result.handle)
+        for handle in handles:
+            tree.unlock(handle)
+        spans = _merge([(s, e) for s, e in match.missing if e <= n - 1] + [(n - 1, n)])
         # A hole request: KV reused beyond the first missing position (the engine's fill path).
         out.append(Outcome(need, span_flops(spans, cost), match.reused_tokens > match.cached_prefix_len))
     tree.check_integrity()

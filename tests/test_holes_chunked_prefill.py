@@ -226,3 +226,26 @@ def test_chunks_stored_after_a_piece_stay_the_stores(chunked, tiny_engines):
     assert _check_pool(chunked)["chunks"]["entries"] == 5
     assert chunked.flush_cache().success
     assert _check_pool(chunked)["available"] == CHUNKED_POOL
+
+
+def test_the_simulator_predicts_the_engine_under_chunked_prefill(chunked, tiny_llama):
+    """Issue 22 item 1 with prefill pieces: ``policy_replay.replay(..., chunk=)`` allocates, evicts and
+    checkpoints per piece as SGLang does, and predicts every request's computed tokens exactly
+    (``cost-aware``, prompts of 4-9 pieces at 64 tokens, 1-4 at 256, in a pool that evicts)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from policy_replay import replay
+
+    from sglang_holes.cache.recompute_cost import RecomputeCost
+    from tests.test_policies_engine import _sessions
+
+    assert chunked.flush_cache().success
+    requests = _sessions(seed=7, doc=1000)
+    got = [chunked.generate(input_ids=ids, sampling_params={"max_new_tokens": 1})["meta_info"] for ids in requests]
+    chunk = chunked.server_args.chunked_prefill_size
+    cost = RecomputeCost.from_config(json.loads((tiny_llama / "config.json").read_text()))
+    want = replay("cost-aware", requests, CHUNKED_POOL, cost, chunk=chunk)
+    assert [m["prompt_tokens"] - m["cached_tokens"] for m in got] == [o.computed for o in want]
+    assert sum(o.holes for o in want) > 0  # the stream makes holes: pieces of fills are replayed too
