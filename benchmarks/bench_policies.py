@@ -59,12 +59,14 @@ def stream(sessions: int, turns: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def run(policy: str, model: str, requests: list[list[int]], pool: int) -> dict:
+def run(policy: str, model: str, requests: list[list[int]], pool: int, chunk: int = 4096) -> dict:
+    """One engine serving ``requests`` in order, and the replay of the same stream (``chunk``: SGLang's
+    chunked-prefill size, 4,096 by default on this CPU, given to both)."""
     import sglang_holes
     from sglang_holes.patches.launch.engine import shutdown_all
 
     eng = sglang_holes.Engine(model_path=model, radix_eviction_policy=policy, max_total_tokens=pool,
-                              log_level="error", random_seed=0)
+                              chunked_prefill_size=chunk, log_level="error", random_seed=0)
     ttft, computed, flops = [], [], []
     try:
         eng.generate(input_ids=requests[0][:64], sampling_params=ONE)  # warm-up, then start clean
@@ -78,7 +80,7 @@ def run(policy: str, model: str, requests: list[list[int]], pool: int) -> dict:
         stats = eng.get_server_info()["internal_states"][0]["sglang_holes"]["cache"]["stats"]
     finally:
         shutdown_all([eng])
-    sim = replay(policy, requests, pool, SMOLLM2_135M, chunk=4096)  # SGLang's chunked prefill here
+    sim = replay(policy, requests, pool, SMOLLM2_135M, chunk)
     ordered = sorted(ttft)
     return {"policy": policy, "pool": pool, "requests": len(requests), "prompt_tokens": sum(map(len, requests)),
             "computed_tokens": sum(computed), "flops": sum(flops), "hole_requests": stats["hole_requests"],
@@ -86,7 +88,7 @@ def run(policy: str, model: str, requests: list[list[int]], pool: int) -> dict:
             "sim_hole_requests": sum(o.holes for o in sim),
             "requests_agreeing": sum(o.computed == c for o, c in zip(sim, computed, strict=True)),
             "ttft_mean_s": statistics.fmean(ttft), "ttft_p90_s": ordered[int(0.9 * (len(ordered) - 1))],
-            "ttft_s": ttft, "computed": computed}
+            "ttft_s": ttft, "computed": computed, "replay_per_request": [o.computed for o in sim]}
 
 
 def write(rows: list[dict], machine: str, args: argparse.Namespace) -> None:

@@ -26,11 +26,10 @@ import argparse
 import json
 import os
 import random
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_policies import run
 from bench_startup import cpu_name  # benchmarks/ is on sys.path when run as a script
 from policy_replay import replay
 from tqdm import tqdm
@@ -125,30 +124,14 @@ def replay_grid(requests: list[list[int]], fractions: list[float], chunk: int) -
 
 
 def engine_run(policy: str, requests: list[list[int]], pool: int, chunk: int) -> dict:
-    import sglang_holes
+    """``bench_policies.run`` (the engine and the replay on one stream), in this report's fields."""
     from sglang_holes.model import prepare_embedded_model
-    from sglang_holes.patches.launch.engine import shutdown_all
 
-    eng = sglang_holes.Engine(model_path=str(prepare_embedded_model()), radix_eviction_policy=policy,
-                              max_total_tokens=pool, chunked_prefill_size=chunk, log_level="error", random_seed=0)
-    ttft, computed = [], []
-    try:
-        eng.generate(input_ids=requests[0][:64], sampling_params=ONE)
-        eng.flush_cache()
-        for ids in tqdm(requests, desc=f"engine {policy}", unit="req"):
-            t0 = time.perf_counter()
-            meta = eng.generate(input_ids=ids, sampling_params=ONE)["meta_info"]
-            ttft.append(time.perf_counter() - t0)
-            computed.append(meta["prompt_tokens"] - meta["cached_tokens"])
-    finally:
-        shutdown_all([eng])
-    sim = replay(policy, requests, pool, SMOLLM2_135M, chunk)
-    ordered = sorted(ttft)
-    return {"policy": policy, "pool": pool, "computed": sum(computed), "sim_computed": sum(o.computed for o in sim),
-            "agreeing": sum(o.computed == c for o, c in zip(sim, computed, strict=True)), "requests": len(requests),
-            "flops": sum(o.flops for o in sim), "ttft_mean_s": statistics.fmean(ttft),
-            "ttft_p90_s": ordered[int(0.9 * (len(ordered) - 1))], "computed_per_request": computed,
-            "replay_per_request": [o.computed for o in sim]}
+    r = run(policy, str(prepare_embedded_model()), requests, pool, chunk)
+    return {"policy": policy, "pool": pool, "computed": r["computed_tokens"], "sim_computed": r["sim_computed_tokens"],
+            "agreeing": r["requests_agreeing"], "requests": r["requests"], "flops": r["sim_flops"],
+            "ttft_mean_s": r["ttft_mean_s"], "ttft_p90_s": r["ttft_p90_s"], "computed_per_request": r["computed"],
+            "replay_per_request": r["replay_per_request"]}
 
 
 def write(grid: dict[str, list[dict]], engine: list[dict], args: argparse.Namespace, machine: str) -> None:
