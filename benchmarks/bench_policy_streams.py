@@ -1,22 +1,29 @@
 """Eviction policies on streams that stand for real use, at 10-50% cache: prompt FLOPs per policy.
 
     .venv/bin/python benchmarks/bench_policy_streams.py [--requests 150] [--fractions 0.1 0.25 0.5]
-        [--engine chat --engine-requests 40 --engine-fraction 0.25]
+        [--holdout-seeds 20 21 22 23] [--engine chat agent rag --engine-requests 40 --engine-fraction 0.25]
 
 Streams (fixed seeds; answers join the next prompt of their session, generations are 1 token):
 
 * ``chat``: a shared 256-token system prompt; 16 sessions over a document of 1k-6k tokens
-  (log-uniform), turns of a 40-token question and a 60-token answer; Zipf(1.1) popularity.
+  (log-uniform), turns of a 40-token question and a 60-token answer; Zipf(1.1) popularity (its 150
+  requests grow past SmolLM2's 8k context, which only the replay serves; the engine's first 40
+  stay under 7.2k).
 * ``agent``: 6 agents after the shared prompt, each step appending a 200-1,500-token tool output
-  and a 60-token action; Zipf(1.1) over agents; an agent starts afresh past 12k tokens.
+  and a 60-token action; Zipf(1.1) over agents; an agent starts afresh past 6k tokens (so every
+  prompt fits the served model's 8k context).
 * ``rag``: the shared prompt, then 4 of 60 documents (300-1,000 tokens, Zipf(1.0)) in random
   order, then a 40-token question.
 
 The pool is a fraction of the stream's distinct tokens (at least its longest prompt). Every
 policy is replayed with ``policy_replay.replay``, which predicts the ``holes`` engine request by
 request (``policies.md``: 48/48 on the engine's stream; ``tests/test_policies_engine.py``), and
-FLOPs are SmolLM2-135M's (the served model). ``--engine STREAM`` also serves that stream through
-the real engine for ``lru`` and ``cost-aware`` (TTFT, and the computed tokens next to the replay's).
+FLOPs are SmolLM2-135M's (the served model). ``clairvoyant`` (``policy_replay.Clairvoyant``) knows
+when each node is read next: a reference for how much an online policy leaves on the table. Streams
+of other seeds (``--holdout-seeds``), which the policy was not chosen on, are replayed too.
+``--engine STREAM ...`` also serves the first ``--engine-requests`` of those streams through the real
+engine for ``lru`` and ``cost-aware`` (TTFT, FLOPs from ``meta_info``, and the computed tokens
+next to the replay's).
 Writes ``policy_streams.md`` and ``policy_streams.json`` under ``--out``.
 """
 
@@ -31,12 +38,12 @@ from pathlib import Path
 
 from bench_policies import run
 from bench_startup import cpu_name  # benchmarks/ is on sys.path when run as a script
-from policy_replay import replay
+from policy_replay import Clairvoyant, replay
 from tqdm import tqdm
 
 from sglang_holes.cache.recompute_cost import SMOLLM2_135M
 
-POLICIES = ("lru", "lfu", "slru", "cost-aware")
+POLICIES = ("lru", "lfu", "slru", "cost-aware", "clairvoyant")  # the last knows the stream: a reference
 ONE = {"max_new_tokens": 1, "temperature": 0.0}
 
 
@@ -71,7 +78,7 @@ def agent(num: int, seed: int = 1) -> list[list[int]]:
         ctx[a] = ctx[a] + _words(rng, rng.randint(200, 1500))
         out.append(list(ctx[a]))
         ctx[a] = ctx[a] + _words(rng, 60)
-        if len(ctx[a]) > 12_000:
+        if len(ctx[a]) > 6_000:  # the next prompt stays within SmolLM2's 8k context
             ctx[a] = list(system)
     return out
 
@@ -91,7 +98,7 @@ def rag(num: int, seed: int = 2) -> list[list[int]]:
     return out
 
 
-STREAMS: dict[str, Callable[[int], list[list[int]]]] = {"chat": chat, "agent": agent, "rag": rag}
+STREAMS: dict[str, Callable[..., list[list[int]]]] = {"chat": chat, "agent": agent, "rag": rag}
 
 
 def pool_for(requests: list[list[int]], fraction: float) -> int:
@@ -108,13 +115,15 @@ def pool_for(requests: list[list[int]], fraction: float) -> int:
     return max(int(fraction * tree.total_size), max(map(len, requests)) + 64)
 
 
-def replay_grid(requests: list[list[int]], fractions: list[float], chunk: int) -> list[dict]:
+def replay_grid(requests: list[list[int]], fractions: list[float], chunk: int,
+                policies: tuple[str, ...] = POLICIES) -> list[dict]:
     rows = []
     for fraction in fractions:
         pool = pool_for(requests, fraction)
         base = None
-        for policy in POLICIES:
-            out = replay(policy, requests, pool, SMOLLM2_135M, chunk)
+        for policy in policies:
+            which = Clairvoyant(requests, SMOLLM2_135M) if policy == "clairvoyant" else policy
+            out = replay(which, requests, pool, SMOLLM2_135M, chunk)
             flops = sum(o.flops for o in out)
             base = flops if policy == "lru" else base
             rows.append({"fraction": fraction, "pool": pool, "policy": policy, "flops": flops,
@@ -123,18 +132,21 @@ def replay_grid(requests: list[list[int]], fractions: list[float], chunk: int) -
     return rows
 
 
-def engine_run(policy: str, requests: list[list[int]], pool: int, chunk: int) -> dict:
+def engine_run(stream: str, policy: str, requests: list[list[int]], pool: int, chunk: int) -> dict:
     """``bench_policies.run`` (the engine and the replay on one stream), in this report's fields."""
     from sglang_holes.model import prepare_embedded_model
 
     r = run(policy, str(prepare_embedded_model()), requests, pool, chunk)
-    return {"policy": policy, "pool": pool, "computed": r["computed_tokens"], "sim_computed": r["sim_computed_tokens"],
+    return {"stream": stream, "policy": policy, "pool": pool, "engine_flops": r["flops"],
+            "computed": r["computed_tokens"], "sim_computed": r["sim_computed_tokens"],
             "agreeing": r["requests_agreeing"], "requests": r["requests"], "flops": r["sim_flops"],
-            "ttft_mean_s": r["ttft_mean_s"], "ttft_p90_s": r["ttft_p90_s"], "computed_per_request": r["computed"],
+            "ttft_mean_s": r["ttft_mean_s"], "ttft_p90_s": r["ttft_p90_s"], "ttft_s": r["ttft_s"],
+            "computed_per_request": r["computed"],
             "replay_per_request": r["replay_per_request"]}
 
 
-def write(grid: dict[str, list[dict]], engine: list[dict], args: argparse.Namespace, machine: str) -> None:
+def write(grid: dict[str, list[dict]], holdout: dict[str, dict[int, list[dict]]], engine: list[dict],
+          args: argparse.Namespace, machine: str) -> None:
     lines = [f"# Eviction policies on use-like streams ({machine})", "",
              f"`python benchmarks/bench_policy_streams.py --requests {args.requests} --fractions "
              f"{' '.join(map(str, args.fractions))} --chunk {args.chunk}`: prompt FLOPs (SmolLM2-135M, attention + "
@@ -149,16 +161,34 @@ def write(grid: dict[str, list[dict]], engine: list[dict], args: argparse.Namesp
             cells = " | ".join(f"{sel[p]['vs_lru']:.3f}" for p in POLICIES)
             lines.append(f"| {name} | {fraction:.0%} | {sel['lru']['pool']} | {cells} | "
                          f"{sel['cost-aware']['hole_requests']}/{args.requests} |")
+    seeds = " ".join(map(str, args.holdout_seeds))
+    lines += ["", f"The same on other seeds of each stream (`--holdout-seeds {seeds}`; `cost-aware`'s form and decay "
+              "were chosen on the default seeds and seeds 10-13, not these): FLOPs vs `lru`, lowest–highest over "
+              "the seeds.", "",
+              "| stream | cache | `cost-aware` | `clairvoyant` |", "|---|---|---|---|"]
+    for name, per_seed in holdout.items():
+        for fraction in args.fractions:
+            cells = []
+            for policy in ("cost-aware", "clairvoyant"):
+                v = [r["vs_lru"] for rows in per_seed.values() for r in rows
+                     if r["fraction"] == fraction and r["policy"] == policy]
+                cells.append(f"{min(v):.3f}–{max(v):.3f}")
+            lines.append(f"| {name} | {fraction:.0%} | {' | '.join(cells)} |")
     if engine:
-        lines += ["", f"Engine, `--engine {args.engine} --engine-requests {args.engine_requests} --engine-fraction "
-                  f"{args.engine_fraction}` (CPU, one run):", "",
-                  "| policy | pool | computed tokens: engine / replay | requests agreeing | TTFT mean s | TTFT p90 s |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", f"Engine, `--engine {' '.join(args.engine)} --engine-requests {args.engine_requests} "
+                  f"--engine-fraction {args.engine_fraction}` (the first requests of each stream, served in order by "
+                  "one engine per policy; CPU, one run):", "",
+                  "| stream | policy | pool | computed tokens: engine / replay | requests agreeing | prompt TFLOP "
+                  "(engine) | FLOPs vs lru | TTFT mean s | TTFT p90 s |", "|---|---|---|---|---|---|---|---|---|"]
         for r in engine:
-            lines.append(f"| {r['policy']} | {r['pool']} | {r['computed']} / {r['sim_computed']} | "
-                         f"{r['agreeing']}/{r['requests']} | {r['ttft_mean_s']:.3f} | {r['ttft_p90_s']:.3f} |")
+            base = next(b for b in engine if b["stream"] == r["stream"] and b["policy"] == "lru")
+            lines.append(f"| {r['stream']} | {r['policy']} | {r['pool']} | {r['computed']} / {r['sim_computed']} | "
+                         f"{r['agreeing']}/{r['requests']} | {r['engine_flops'] / 1e12:.2f} | "
+                         f"{r['engine_flops'] / base['engine_flops']:.3f} | {r['ttft_mean_s']:.3f} | "
+                         f"{r['ttft_p90_s']:.3f} |")
     (args.out / "policy_streams.md").write_text("\n".join(lines) + "\n")
-    (args.out / "policy_streams.json").write_text(json.dumps({"grid": grid, "engine": engine}, indent=1))
+    report = {"grid": grid, "holdout": holdout, "engine": engine}
+    (args.out / "policy_streams.json").write_text(json.dumps(report, indent=1))
     print("\n".join(lines))
 
 
@@ -166,7 +196,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=150)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5])
-    ap.add_argument("--engine", choices=sorted(STREAMS), default=None)
+    ap.add_argument("--holdout-seeds", type=int, nargs="*", default=[20, 21, 22, 23])
+    ap.add_argument("--engine", choices=sorted(STREAMS), nargs="*", default=[])
     ap.add_argument("--engine-requests", type=int, default=40)
     ap.add_argument("--engine-fraction", type=float, default=0.25)
     ap.add_argument("--chunk", type=int, default=4096,
@@ -175,14 +206,17 @@ def main() -> None:
     args = ap.parse_args()
     grid = {name: replay_grid(make(args.requests), args.fractions, args.chunk) for name, make in
             tqdm(STREAMS.items(), desc="streams")}
+    holdout = {name: {seed: replay_grid(make(args.requests, seed=seed), args.fractions, args.chunk,
+                                        ("lru", "cost-aware", "clairvoyant")) for seed in args.holdout_seeds}
+               for name, make in tqdm(STREAMS.items(), desc="held-out seeds")}
     engine = []
-    if args.engine:
-        requests = STREAMS[args.engine](args.engine_requests)
+    for name in args.engine:
+        requests = STREAMS[name](args.engine_requests)
         pool = pool_for(requests, args.engine_fraction)
-        engine = [engine_run(p, requests, pool, args.chunk) for p in ("lru", "cost-aware")]
+        engine += [engine_run(name, p, requests, pool, args.chunk) for p in ("lru", "cost-aware")]
     machine = f"{cpu_name()}, {os.cpu_count()} cores"
     args.out.mkdir(parents=True, exist_ok=True)
-    write(grid, engine, args, machine)
+    write(grid, holdout, engine, args, machine)
 
 
 if __name__ == "__main__":

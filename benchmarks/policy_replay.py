@@ -25,6 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from sglang_holes import HoleTree, RecomputeCost, make_policy
+from sglang_holes.cache.eviction import CostAware, EvictionPolicy
+from sglang_holes.cache.leaf_policies import TreeView
+from sglang_holes.cache.node import Node
+from sglang_holes.cache.victim_index import ScanIndex
 
 
 @dataclass(frozen=True)
@@ -40,15 +44,45 @@ def span_flops(spans: list[tuple[int, int]] | list[list[int]], cost: RecomputeCo
     return sum(cost.span(s, e) for s, e in spans)
 
 
-def replay(policy: str, requests: list[list[int]], pool: int, cost: RecomputeCost,
+class Clairvoyant(CostAware):
+    """A reference no server can run: ``cost-aware``'s key with the decayed hit count replaced by
+    1 / (requests until the next one that reads the node), known from the stream (0: never read
+    again). Not the optimum (none is known for partial, cost-weighted eviction), but what knowing
+    the future buys the same per-slot rule: how far an online estimate of reuse is from it. Its key
+    changes as the stream advances, so it searches by scanning (``ScanIndex``)."""
+
+    def __init__(self, requests: list[list[int]], cost: RecomputeCost):
+        super().__init__(cost)
+        self.name = "clairvoyant"
+        self.requests = requests
+        self.at = 0  # the request being served (``replay`` sets it)
+
+    def key(self, node: Node) -> tuple[int, float]:
+        return (0, self.cost.span(node.start, node.start + 1) * self.reuse(node))
+
+    def reuse(self, node: Node) -> float:
+        for j in range(self.at + 1, len(self.requests)):
+            r = self.requests[j]
+            if len(r) > node.end and tuple(r[node.start : node.end]) == node.key:
+                return 1.0 / (j - self.at)
+        return 0.0
+
+    def index(self, tree: TreeView) -> ScanIndex:
+        return ScanIndex(self, tree)
+
+
+def replay(policy: str | EvictionPolicy, requests: list[list[int]], pool: int, cost: RecomputeCost,
            chunk: int | None = None) -> list[Outcome]:
-    """Per request, what the engine computes. ``chunk``: SGLang's chunked-prefill size (None: every
-    request in one piece): a request computing more is prefilled in pieces of ``chunk`` positions,
-    each allocated (evicting the shortfall) and checkpointed into the tree before the next."""
-    tree = HoleTree(policy=make_policy(policy, cost))
+    """Per request, what the engine computes. ``policy``: a registered name, or a policy object
+    (``Clairvoyant``). ``chunk``: SGLang's chunked-prefill size (None: every request in one piece): a
+    request computing more is prefilled in pieces of ``chunk`` positions, each allocated (evicting the
+    shortfall) and checkpointed into the tree before the next."""
+    tree = HoleTree(policy=make_policy(policy, cost) if isinstance(policy, str) else policy)
     free = torch.arange(1, pool + 1)  # slot 0 is SGLang's padding slot
     out = []
-    for prompt in requests:
+    for i, prompt in enumerate(requests):
+        if isinstance(policy, Clairvoyant):
+            policy.at = i
         n = len(prompt)
         match = tree.match(prompt[:-1])
         handles = [match.handle]

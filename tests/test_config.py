@@ -18,19 +18,19 @@ def test_defaults_flags_and_environment():
     cfg = HolesConfig.build(args, {"SGLANG_HOLES_ATTENTION_PATH": "spans", "SGLANG_HOLES_MODE": "prefix-only"})
     assert (cfg.eviction_policy, cfg.attention_path, cfg.prefix_only) == ("lru", "spans", True)
     tuned = HolesConfig.build(SimpleNamespace(radix_eviction_policy="cost-aware",
-                                              radix_eviction_policy_config={"tau": 64}), {})
-    assert tuned.eviction_params == (("tau", 64),)
+                                              radix_eviction_policy_config={"decay": 64}), {})
+    assert tuned.eviction_params == (("decay", 64),)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.mode = "holes"
 
 
 @pytest.mark.parametrize("args, env, message", [
     ({"radix_eviction_policy": "tlru"}, {}, "--radix-eviction-policy='tlru' is not an eviction policy"),
-    ({"radix_eviction_policy": "slru", "radix_eviction_policy_config": {"tau": 2}}, {},
+    ({"radix_eviction_policy": "slru", "radix_eviction_policy_config": {"decay": 2}}, {},
      "takes \\['protected_threshold'\\]"),
-    ({"radix_eviction_policy_config": {"threshold": 3}}, {}, "takes \\['tau'\\], not 'threshold'"),
-    ({"radix_eviction_policy_config": {"tau": -1}}, {}, "tau must be a number > 0"),
-    ({"radix_eviction_policy": "lru", "radix_eviction_policy_config": {"tau": 2}}, {}, "takes \\[\\]"),
+    ({"radix_eviction_policy_config": {"threshold": 3}}, {}, "takes \\['decay'\\], not 'threshold'"),
+    ({"radix_eviction_policy_config": {"decay": -1}}, {}, "decay must be a number > 0"),
+    ({"radix_eviction_policy": "lru", "radix_eviction_policy_config": {"decay": 2}}, {}, "takes \\[\\]"),
     ({}, {"SGLANG_HOLES_ATTENTION_PATH": "ragged"}, "SGLANG_HOLES_ATTENTION_PATH='ragged' is not a FlashInfer"),
     ({}, {"SGLANG_HOLES_MODE": "fast"}, "SGLANG_HOLES_MODE='fast' is not a mode"),
 ])

@@ -96,7 +96,34 @@ def test_cost_aware_punches_holes_at_cheap_positions():
     r = t.match(A if bool((freed < 9000).all()) else B)
     assert r.missing == [(1000, 2000)] and r.cached_prefix_len == 1000  # a hole right after S
     assert seg(t.match(S))[0][2] is not None  # S untouched
+
+def _finished_and_live(**params: float) -> HoleTree:
+    """A shared 4k-token prompt S (slots 0-3999); below it a 4k-token transcript (4000-7999) hit 40 times
+    in a row, then never again (an agent that started over); a 2k-token context (8000-9999) read with S
+    every sixth tick since, ten times."""
+    t = HoleTree(policy=make_policy("cost-aware", SMOLLM2_135M, **params))
+    S = list(range(4000))
+    t.insert(S + [100_000 + i for i in range(4000)], torch.arange(8000))
+    for _ in range(40):
+        t.match(S + [100_000 + i for i in range(4000)])
+    t.insert([200_000 + i for i in range(2000)], torch.arange(8000, 10_000))
+    for _ in range(10):
+        t.match([200_000 + i for i in range(2000)])
+        t.match(S)
+        for _ in range(4):
+            t.match([7])
+    return t
+
+
+def test_cost_aware_lets_a_finished_context_go_before_a_live_one():
+    """Decay: long idle, the transcript goes first; without decay (decay → ∞, LFU by cost) its many hits
+    and deep, costly positions would keep it over the live context."""
+    t = _finished_and_live()
+    freed = t.evict(500)
+    assert bool(((freed >= 4000) & (freed < 8000)).all())
+    assert t.match([200_000 + i for i in range(2000)]).missing == []
     t.check_integrity()
+    assert bool((_finished_and_live(decay=1e9).evict(500) >= 8000).all())
 
 
 def test_cost_aware_partial_eviction_splits_the_head():

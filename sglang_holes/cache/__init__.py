@@ -2,7 +2,10 @@
 
 * ``node`` -- ``Node`` (one edge; ``slots is None`` = a hole), handles and result types.
 * ``tree`` -- ``HoleTree``: match through holes, identity-aware insert, locks, eviction.
-* ``eviction`` -- ``EvictionPolicy`` objects by name (``lru-leaf``, ``cost-aware``), injected into the tree.
+* ``eviction`` -- ``EvictionPolicy`` objects by name (``cost-aware``, ``priority-cost`` and, from
+  ``leaf_policies``, SGLang's ``lru``/``lfu``/``slru``/``priority`` and ``lru-leaf``), injected into the tree.
+* ``victim_index`` -- the incremental victim search (a heap the tree keeps up to date) and its full-scan reference.
+* ``tree_audit`` -- ``HoleTree.check_integrity``'s invariants.
 * ``recompute_cost`` -- FLOPs to rebuild the KV of a span (what ``cost-aware`` weighs).
 * ``extend_plan`` -- per request: which positions reuse cached KV, which are recomputed.
 """

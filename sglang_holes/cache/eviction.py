@@ -9,33 +9,41 @@ whole; the cache stays prefix-closed unless something else punched a hole.
 wherever it sits: interior nodes too (their descendants keep KV and later requests
 recompute only the hole), and only the head of a node when less is needed.
 
-    priority(node) = reuse(node) · cost(head) / len(head)               (lowest goes first)
-    reuse(node)    = hits(node) / (now − created(node) + τ)  ·  τ / (now − last_access(node) + τ)
+    key(node) = cost(first slot of node) · crf(node)          (lowest goes first)
+    crf(node) = Σ over the node's hits at ticks tᵢ of exp(−(now − tᵢ) / decay)
 
-* ``head`` is the part an eviction of ``num_tokens`` would drop: the node's first
-  ``num_tokens`` tokens (rounded up to pages), or the whole node if shorter — earlier
-  positions are cheaper to rebuild, so a node is eaten from its start.
-* ``cost/len`` is the FLOPs to rebuild one of those slots (``recompute_cost``): larger
-  deep in a long context, where every token attends to more keys.
-* ``hits`` counts the matches that walked through the node. Every hit on a descendant
-  passes through its ancestors, so a shared system prompt or document prefix
-  accumulates the hits of everything below it and is the last to go.
-* ``reuse`` estimates how likely the node is to be needed soon. Its first factor is the
-  node's hit RATE over its lifetime (in tree clock ticks, one per match or insert): raw
-  counts would protect the old nodes of a conversation over its equally-needed young
-  ones. Its second factor decays with idle time, as LRU does: a context that stopped
-  being used (an agent that started a new task, a closed chat) loses its claim however
-  often it was hit before. ``τ`` (default 32 ticks, ~10 requests) damps both for
-  brand-new nodes, whose single hit over a tiny lifetime says little.
+* ``cost`` is the FLOPs to rebuild the node's first slot (``recompute_cost``): larger deep in a
+  long context, where every token attends to more keys. A node is eaten from its start (its
+  cheapest slots, whole pages), so the key is that of the next slot to go.
+* ``crf`` (the "combined recency and frequency" of LRFU, Lee et al., IEEE ToC 2001) counts the
+  matches that walked through the node, each decayed by its age in tree clock ticks (one per match
+  or insert; ``decay`` = 8 ticks, ~3 requests, by default). Frequent use keeps a node, and so does
+  recent use; a context nobody reads any more (a closed chat, an agent that started a new task)
+  loses its claim at the same rate however often, and however expensively, it was used before.
+  Every hit on a descendant passes through its ancestors, so a shared system prompt or document
+  prefix accumulates the hits of everything below it and is the last to go.
+* The decay is the same for every node, so ``exp(now / decay)`` factors out of every key: the
+  order of two nodes changes only when one of them is hit or changes shape. ``key`` is kept as
+  ``log(cost) + log Σ exp(tᵢ / decay)``, constant between the tree's updates, and the victim search
+  is a heap (``victim_index.HeapIndex``), O(log n) per victim instead of a scan of the tree.
+
+An earlier form, ``hit rate × recency × cost of the evicted head``, was not time-invariant (it needed
+a scan per eviction) and computed 11-12% more FLOPs than ``lru`` on the agent stream of
+``benchmarks/bench_policy_streams.py``: a finished transcript, expensive per slot, outlived the live
+contexts of rarer agents. The decay trades the streams against each other: on that benchmark's
+streams (default seeds and seeds 10-13) a decay of 16 ticks saves more on Zipf chat (14-38% fewer
+FLOPs than ``lru`` at 25% cache) but computes up to 10% more on agent transcripts, whose early
+nodes gather the hits of every step; 8 ticks saves 15-30% on chat there and stays within ~1% of
+``lru`` on every agent stream tried. Results on seeds not used to choose it:
+``benchmarks/results/policy_streams.md``.
 
 Worked example (SmolLM2-135M constants: linear ≈ 0.21 GFLOP/token, attention ≈ 69 kFLOP/key):
 a shared 1k-token system prompt S hit 10 times, and two 8k-token documents A, B below
-it, created at the same time, each hit 5 times, all just used; 1k tokens must go. One slot
-of S costs ≈ 0.21 G + 69 k·500 ≈ 0.25 GFLOP, at twice A's rate: 0.49 (in units of A's rate); a slot
-in the first 1k of A costs ≈ 0.21 + 69 k·1.5 k ≈ 0.31 GFLOP; a slot in A's last 1k costs
-≈ 0.21 + 69 k·8.5 k ≈ 0.80 GFLOP. So cost-aware punches a hole at the START of A (or B),
-keeping S and the expensive tails, while lru-leaf drops a tail, which costs ~2.5× more
-per slot to recompute — and, the cache being prefix-closed, a returning request then
+it, each hit 5 times, all recently (so crf ≈ hits); 1k tokens must go. S's first slot costs
+≈ 0.21 GFLOP, key ≈ 2.1; A's first slot (position 1,000) ≈ 0.21 + 69 k·1 k ≈ 0.28 GFLOP, key ≈ 1.4;
+a slot in A's last 1k ≈ 0.21 + 69 k·8.5 k ≈ 0.80 GFLOP. So cost-aware punches a hole at the START
+of A (or B), keeping S and the expensive tails, while a leaf policy drops a tail, which costs
+~2.9× more per slot to recompute — and, the cache being prefix-closed, a returning request then
 recomputes the whole tail rather than a cheap hole.
 
 ``priority-cost`` — SGLang's request priorities first, ``cost-aware`` within one priority.
@@ -46,15 +54,15 @@ in the README.
 
 from __future__ import annotations
 
-import heapq
-import itertools
-from collections.abc import Callable, Iterator, Mapping
+import math
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol
+
+import numpy as np
 
 from sglang_holes.cache.leaf_policies import (
     TreeView,
-    evictable,
     lru_leaf,
     sglang_lfu,
     sglang_lru,
@@ -63,17 +71,27 @@ from sglang_holes.cache.leaf_policies import (
 )
 from sglang_holes.cache.node import Node
 from sglang_holes.cache.recompute_cost import SMOLLM2_135M, RecomputeCost
+from sglang_holes.cache.victim_index import HeapIndex
 
 
 class EvictionPolicy(Protocol):
     name: str
     partial: bool  # may evict the head of a node
+    leaves_only: bool  # only leaves of the cached set are candidates
 
-    def victims(self, tree: TreeView, num_tokens: int) -> Iterator[Node]:
-        """Yield cached, unlocked nodes to evict for ``num_tokens`` slots, best first; lazily
-        (the tree evicts each yielded node, or its head, before asking for the next)."""
+    def key(self, node: Node) -> Any:
+        """Sort key, lowest evicted first. It may read only what changes where the tree updates the node's
+        entry in the index (its statistics, shape, KV), so it stays valid between those updates."""
         ...
 
+    def hit(self, node: Node, now: int) -> None:
+        """A match walked through ``node`` (or an insert created it) at tick ``now``: update this policy's
+        statistics of it."""
+        ...
+
+    def index(self, tree: TreeView) -> HeapIndex:
+        """The incremental victim search over ``tree`` (``victim_index``)."""
+        ...
 
 
 class CostAware:
@@ -81,43 +99,34 @@ class CostAware:
     only lower-priority requests inserted goes before any of a higher priority, cost-aware within one."""
 
     partial = True
+    leaves_only = False
 
-    def __init__(self, cost: RecomputeCost, tau: float = 32.0, by_priority: bool = False):
-        if tau <= 0:
-            raise ValueError("tau must be > 0")
+    def __init__(self, cost: RecomputeCost, decay: float = 8.0, by_priority: bool = False):
+        if decay <= 0:
+            raise ValueError("decay must be > 0")
         self.cost = cost
-        self.tau = tau
+        self.decay = decay
         self.by_priority = by_priority
         self.name = "priority-cost" if by_priority else "cost-aware"
 
-    def _key(self, n: Node, chunk: int, now: int) -> tuple[int, float]:
-        return (n.priority if self.by_priority else 0, self.priority(n, chunk, now))
+    def hit(self, node: Node, now: int) -> None:
+        node.log_crf = float(np.logaddexp(node.log_crf, now / self.decay))
 
-    def priority(self, n: Node, chunk: int, now: int) -> float:
-        """Of the part that would go: the node's head of ``chunk`` tokens (all of a shorter node)."""
-        c = min(chunk, len(n.key))
-        reuse = max(n.hits, 1) / (now - n.created + self.tau) * self.tau / (now - n.last_access + self.tau)
-        return reuse * self.cost.span(n.start, n.start + c) / c
+    def key(self, node: Node) -> tuple[int, float]:
+        first = self.cost.span(node.start, node.start + 1)  # its cheapest slot, the first to go
+        cost = math.log(first) if first > 0 else -math.inf
+        return (node.priority if self.by_priority else 0, cost + node.log_crf)
 
-    def victims(self, tree: TreeView, num_tokens: int) -> Iterator[Node]:
-        P = tree.page_size
-        chunk = max(P, -(-num_tokens // P) * P)
-        tie = itertools.count()
-        now = tree.now
-        heap = [(self._key(n, chunk, now), next(tie), n) for n in tree.nodes()
-                if n.slots is not None and n.lock_ref == 0]
-        heapq.heapify(heap)
-        while heap:
-            _, _, n = heapq.heappop(heap)
-            if not evictable(n):
-                continue
-            yield n
-            if evictable(n):  # only its head was evicted; the rest stays a candidate
-                heapq.heappush(heap, (self._key(n, chunk, now), next(tie), n))
+    def crf(self, node: Node, now: int) -> float:
+        """The node's decayed hit count at tick ``now`` (what ``key`` orders by, without the common factor)."""
+        return math.exp(node.log_crf - now / self.decay)
+
+    def index(self, tree: TreeView) -> HeapIndex:
+        return HeapIndex(self, tree)
 
 
-def _cost_aware(recompute_cost: RecomputeCost | None, tau: float = 32.0, by_priority: bool = False) -> CostAware:
-    return CostAware(recompute_cost or SMOLLM2_135M, tau=float(tau), by_priority=by_priority)
+def _cost_aware(recompute_cost: RecomputeCost | None, decay: float = 8.0, by_priority: bool = False) -> CostAware:
+    return CostAware(recompute_cost or SMOLLM2_135M, decay=float(decay), by_priority=by_priority)
 
 
 # name -> factory(recompute cost of the served model or None for SmolLM2-135M's constants, **params)
@@ -133,7 +142,7 @@ EVICTION_POLICIES: Mapping[str, Callable[..., EvictionPolicy]] = MappingProxyTyp
 })
 # The parameters each policy takes (``--radix-eviction-policy-config``).
 POLICY_PARAMS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "lru-leaf": (), "cost-aware": ("tau",), "priority-cost": ("tau",),
+    "lru-leaf": (), "cost-aware": ("decay",), "priority-cost": ("decay",),
     "lru": (), "lfu": (), "slru": ("protected_threshold",), "priority": ()})
 
 

@@ -2,7 +2,8 @@
 
 A leaf policy evicts whole leaves of the cached set (cached, unlocked nodes with no cached
 descendant), smallest key first; when a node goes, its nearest cached ancestor joins the
-candidates if it became such a leaf, as in SGLang's ``RadixCache.evict``. The cache stays
+candidates if it became such a leaf, as in SGLang's ``RadixCache.evict``. The keys change only
+when the tree updates a node, so the search is a heap kept up to date (``victim_index.HeapIndex``). The cache stays
 prefix-closed unless something else punched a hole.
 
 SGLang's policies (``--radix-eviction-policy``), as the keys of its ``mem_cache/evict_policy.py``
@@ -24,12 +25,11 @@ project (its own clock and hit counts, which ``cost-aware`` shares).
 
 from __future__ import annotations
 
-import heapq
-import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from sglang_holes.cache.node import InsertStats, Node
+from sglang_holes.cache.victim_index import HeapIndex
 
 INT64_MAX = (1 << 63) - 1  # request priorities are signed 64-bit
 
@@ -39,6 +39,7 @@ class TreeView(Protocol):
 
     root: Node
     page_size: int
+    node_count: int
     now: int  # logical clock, one tick per match or insert
 
     def nodes(self) -> list[Node]:
@@ -48,46 +49,21 @@ class TreeView(Protocol):
     def touch(self, tokens: list[int], stats: InsertStats | None = None) -> None: ...
 
 
-def cached_frontier(tree: TreeView) -> list[Node]:
-    """Cached, unlocked nodes with no cached descendant."""
-    out: list[Node] = []
-    has_cached: dict[int, bool] = {}
-    for n in reversed(tree.nodes()):  # children before parents (nodes() is a pre-order DFS)
-        below = any(c.slots is not None or has_cached[id(c)] for c in n.children.values())
-        has_cached[id(n)] = below
-        if n.slots is not None and not below and n.lock_ref == 0:
-            out.append(n)
-    return out
-
-
-def evictable(n: Node) -> bool:
-    return n.parent is not None and n.slots is not None and n.lock_ref == 0
-
-
 class LeafPolicy:
     """Whole leaves of the cached set, smallest ``key(node)`` first."""
 
     partial = False
+    leaves_only = True
 
     def __init__(self, name: str, key: Callable[[Node], Any]) -> None:
         self.name = name
         self.key = key
 
-    def victims(self, tree: TreeView, num_tokens: int) -> Iterator[Node]:
-        tie = itertools.count()
-        heap = [(self.key(n), next(tie), n) for n in cached_frontier(tree)]
-        heapq.heapify(heap)
-        while heap:
-            _, _, n = heapq.heappop(heap)
-            if not evictable(n) or n.has_cached_descendant():
-                continue
-            up = n.parent
-            while up is not None and up is not tree.root and up.slots is None:
-                up = up.parent
-            yield n
-            # Its nearest cached ancestor may now be a leaf of the cached set.
-            if up is not None and up is not tree.root and evictable(up) and not up.has_cached_descendant():
-                heapq.heappush(heap, (self.key(up), next(tie), up))
+    def hit(self, node: Node, now: int) -> None:
+        """A match walked through ``node`` (the tree's own statistics are all these policies read)."""
+
+    def index(self, tree: TreeView) -> HeapIndex:
+        return HeapIndex(self, tree)
 
 
 def lru_leaf() -> LeafPolicy:

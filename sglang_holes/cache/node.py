@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -36,14 +37,18 @@ NO_STATS = InsertStats()
 class Node:
     """One tree edge: ``key`` tokens starting at position ``start``; ``slots`` is None for a hole.
 
-    Statistics (logical clock ticks, ``HoleTree.now``): ``hits``, ``last_access`` and ``created``
-    feed ``cost-aware`` and ``lru-leaf``; ``sg_access``, ``sg_hits`` and ``priority`` are SGLang's
-    ``last_access_time``, ``hit_count`` and ``priority`` with SGLang's semantics, for its own
-    policies (``sglang_holes.cache.leaf_policies``).
+    Statistics (logical clock ticks, ``HoleTree.now``): ``hits``, ``last_access`` and ``created``;
+    ``log_crf``, the log of ``cost-aware``'s decayed hit count (kept by that policy's ``hit``);
+    ``sg_access``, ``sg_hits`` and ``priority`` are SGLang's ``last_access_time``, ``hit_count`` and
+    ``priority`` with SGLang's semantics, for its own policies (``sglang_holes.cache.leaf_policies``).
+
+    Bookkeeping: ``serial`` (creation order, unique in its tree), ``cached_below`` (children whose
+    subtree holds KV: 0 means no cached descendant), ``version`` (the victim index's, which voids
+    older heap entries).
     """
 
-    __slots__ = ("children", "created", "hits", "key", "last_access", "lock_ref", "parent", "priority", "sg_access",
-                 "sg_hits", "slots", "start")
+    __slots__ = ("cached_below", "children", "created", "hits", "key", "last_access", "lock_ref", "log_crf", "parent",
+                 "priority", "serial", "sg_access", "sg_hits", "slots", "start", "version")
 
     def __init__(self, key: tuple[int, ...], start: int, slots: torch.Tensor | None, parent: Node | None):
         self.key = key
@@ -58,13 +63,23 @@ class Node:
         self.sg_access = 0.0
         self.sg_hits = 0
         self.priority = 0
+        self.log_crf = -math.inf
+        self.serial = 0
+        self.cached_below = 0
+        self.version = 0
 
     @property
     def end(self) -> int:
         return self.start + len(self.key)
 
+    @property
+    def holds_kv_below(self) -> bool:
+        """Whether this node or a descendant holds KV (what its parent's ``cached_below`` counts)."""
+        return self.slots is not None or self.cached_below > 0
+
     def has_cached_descendant(self) -> bool:
-        """Whether any node below this one still holds KV (a hole above it must then stay)."""
+        """Whether any node below this one still holds KV (a hole above it must then stay); the reference
+        for ``cached_below``, by walking the subtree."""
         stack = list(self.children.values())
         while stack:
             n = stack.pop()

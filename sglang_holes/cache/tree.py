@@ -32,6 +32,8 @@ from sglang_holes.cache.node import (
     _as_slots,
     _as_tokens,
 )
+from sglang_holes.cache.tree_audit import audit
+from sglang_holes.cache.victim_index import ScanIndex
 
 __all__ = ["HoleTree", "InsertResult", "MatchResult", "Node", "TreeHandle"]
 
@@ -44,23 +46,28 @@ class HoleTree:
             default ``lru_leaf()`` (leaves only, least recently used first).
             ``CostAware`` evicts the cheapest expected recompute per freed slot and may
             punch interior holes.
+        reference_search: find victims by scanning the whole tree (``ScanIndex``, the reference
+            the policy's incremental index is tested against) instead of the policy's own index.
     """
 
-    def __init__(self, page_size: int = 1, policy: EvictionPolicy | None = None):
+    def __init__(self, page_size: int = 1, policy: EvictionPolicy | None = None, reference_search: bool = False):
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
-        if policy is not None and not callable(getattr(policy, "victims", None)):
+        if policy is not None and not all(callable(getattr(policy, f, None)) for f in ("index", "key", "hit")):
             raise TypeError(f"policy must be an EvictionPolicy (make_policy(name)), got {policy!r}")
         self.page_size = page_size
         self.policy: EvictionPolicy = policy if policy is not None else lru_leaf()
         self.root = Node((), 0, torch.zeros(0, dtype=torch.int64), None)
         self.root.lock_ref = 1  # never evicted, never removed
+        self.node_count = 0  # nodes below the root
+        self._serial = 0
         self.now = 0  # logical clock: one tick per match or insert
         # SGLang stamps a node it creates inside an operation after the nodes that operation walked
         # (it reads its clock again): sub-stamps of the current tick keep that order for its policies.
         self._sub = 0
         self.evictable_size = 0  # cached tokens in unlocked nodes
         self.protected_size = 0  # cached tokens in locked nodes
+        self.index = ScanIndex(self.policy, self) if reference_search else self.policy.index(self)
 
     # ------------------------------------------------------------------ helpers
 
@@ -89,13 +96,32 @@ class HoleTree:
             i += P
         return i
 
+    def _new_node(self, key: tuple[int, ...], start: int, slots: torch.Tensor | None, parent: Node) -> Node:
+        node = Node(key, start, slots, parent)
+        self._serial += 1
+        node.serial = self._serial
+        self.node_count += 1
+        return node
+
+    def _kv_changed(self, node: Node, before: bool) -> None:
+        """``node`` gained or lost KV; ``before``: whether its subtree held KV. Carries the change up the
+        ``cached_below`` counts, and hands the index a cached ancestor that became a leaf of the cached set."""
+        after = node.holds_kv_below
+        while before != after and node.parent is not None:
+            parent = node.parent
+            before = parent.holds_kv_below
+            parent.cached_below += 1 if after else -1
+            if parent.cached_below == 0:
+                self.index.update(parent)
+            node, after = parent, parent.holds_kv_below
+
     def _split(self, node: Node, at: int) -> Node:
         """Split ``node`` after ``at`` tokens; returns the new upper part (node keeps the rest)."""
         parent = node.parent
         assert parent is not None and 0 < at < len(node.key) and at % self.page_size == 0
-        upper = Node(node.key[:at], node.start, None if node.slots is None else node.slots[:at], parent)
+        upper = self._new_node(node.key[:at], node.start, None if node.slots is None else node.slots[:at], parent)
         upper.lock_ref, upper.hits, upper.last_access = node.lock_ref, node.hits, node.last_access
-        upper.created = node.created
+        upper.created, upper.log_crf, upper.cached_below = node.created, node.log_crf, int(node.holds_kv_below)
         # SGLang's split: the new upper node inherits hits and priority and is stamped now.
         upper.sg_hits, upper.priority, upper.sg_access = node.sg_hits, node.priority, self._stamp()
         parent.children[self._child_key(node.key, 0)] = upper
@@ -104,6 +130,8 @@ class HoleTree:
         node.slots = None if node.slots is None else node.slots[at:]
         node.parent = upper
         upper.children[self._child_key(node.key, 0)] = node
+        self.index.update(upper)
+        self.index.update(node)  # it starts later now
         return upper
 
     def _walk(self, tokens: tuple[int, ...], split_end: bool = True,
@@ -149,6 +177,7 @@ class HoleTree:
             assert parent is not None
             del parent.children[self._child_key(node.key, 0)]
             node.parent = None
+            self.node_count -= 1
             node = parent
 
     # ------------------------------------------------------------------ public API
@@ -169,6 +198,8 @@ class HoleTree:
         for node in path:
             node.hits += 1
             node.last_access, node.sg_access = now, max(node.sg_access, now)  # a split upper keeps its stamp
+            self.policy.hit(node, now)
+            self.index.update(node)
             if segments and segments[-1].cached == (node.slots is not None):
                 last = segments[-1]
                 slots = None if last.slots is None else torch.cat([last.slots, node.slots])
@@ -224,20 +255,26 @@ class HoleTree:
             node.priority = max(node.priority, stats.priority)
             node.sg_hits += node.end > stats.inserted_len
             if node.slots is None:
+                before = node.holds_kv_below
                 node.slots = part.clone()
                 self._add_size(node, +1)
+                self._kv_changed(node, before)
             elif owned is None:
                 rejected.append(part[part != node.slots])
             else:
                 mine = owned[node.start : node.end].nonzero().flatten()
                 rejected.append(part.index_select(0, mine.to(part.device)))
+            self.index.update(node)
         pos = last.end
         if pos < n:
-            new = Node(toks[pos:n], pos, given[pos:n].clone(), last)
+            new = self._new_node(toks[pos:n], pos, given[pos:n].clone(), last)
             new.last_access, new.created, new.hits = now, now, 1  # computed for a request: used once
             new.sg_access, new.priority, new.sg_hits = self._stamp(), stats.priority, int(n > stats.inserted_len)
+            self.policy.hit(new, now)
             last.children[self._child_key(new.key, 0)] = new
             self._add_size(new, +1)
+            self._kv_changed(new, False)
+            self.index.update(new)
             last = new
         return InsertResult(torch.cat(rejected), TreeHandle(last))
 
@@ -255,6 +292,7 @@ class HoleTree:
             if stats is not None:
                 node.priority = max(node.priority, stats.priority)
                 node.sg_hits += node.end > stats.inserted_len
+            self.index.update(node)
 
     def lock(self, handle: TreeHandle) -> None:
         """Pin the handle's node and all its ancestors (nested locks count)."""
@@ -282,6 +320,7 @@ class HoleTree:
                 self._add_size(node, -1)
                 node.lock_ref -= 1
                 self._add_size(node, +1)
+                self.index.update(node)
             else:
                 node.lock_ref -= 1
             parent = node.parent
@@ -301,9 +340,9 @@ class HoleTree:
                              f"({self.protected_size} locked)")
         freed: list[torch.Tensor] = []
         remaining, P = num_tokens, self.page_size
-        for node in self.policy.victims(self, num_tokens):
-            if remaining <= 0:
-                break
+        while remaining > 0:
+            node = self.index.pop()
+            assert node is not None, "evictable_size counts KV no policy can reach"
             take = -(-remaining // P) * P
             if self.policy.partial and take < len(node.key):
                 node = self._split(node, take)  # evict the head; `node` now names it
@@ -316,6 +355,7 @@ class HoleTree:
         slots = node.slots
         self._add_size(node, -1)
         node.slots = None
+        self._kv_changed(node, True)
         if not node.children:
             self._prune(node)
         return slots
@@ -367,28 +407,6 @@ class HoleTree:
         return self.evictable_size + self.protected_size
 
     def check_integrity(self) -> None:
-        """Raise ``AssertionError`` unless every structural and accounting invariant holds."""
-        evictable = protected = 0
-        P = self.page_size
-        for n in self.nodes():
-            p = n.parent
-            assert p is not None and p.children.get(self._child_key(n.key, 0)) is n, "dangling node"
-            assert len(n.key) > 0 and len(n.key) % P == 0, "empty or page-misaligned node"
-            assert n.start == p.end, "node start != parent end"
-            assert n.lock_ref >= 0, "negative lock count"
-            # lock_ref = locks whose handle is in this subtree, so it covers the children's.
-            assert n.lock_ref >= sum(c.lock_ref for c in n.children.values()), "lock counts inconsistent"
-            if n.slots is None:
-                assert n.lock_ref > 0 or n.has_cached_descendant(), "hole without cached descendant"
-            else:
-                assert n.slots.dtype == torch.int64 and n.slots.numel() == len(n.key), "slot count != key length"
-                if n.lock_ref > 0:
-                    protected += len(n.key)
-                else:
-                    evictable += len(n.key)
-        assert (evictable, protected) == (self.evictable_size, self.protected_size), (
-            f"size accounting: counted {(evictable, protected)}, "
-            f"recorded {(self.evictable_size, self.protected_size)}"
-        )
-        owned = self.owned_slots()
-        assert owned.unique().numel() == owned.numel(), "a slot is owned twice"
+        """Raise ``AssertionError`` unless every structural, accounting and index invariant holds
+        (``sglang_holes.cache.tree_audit``)."""
+        audit(self)
