@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -271,3 +273,21 @@ def test_insert_with_host_ownership_equals_identity_insert():
         b.check_integrity()
     with pytest.raises(ValueError, match="does not own"):
         HoleTree().insert([1, 2], [5, 6], owned=torch.tensor([True, False]))
+
+
+def test_cost_aware_crf_is_the_decayed_hit_count():
+    """``log_crf`` kept by ``CostAware.hit`` is log Σ exp(tᵢ / decay) over the node's hits: at any tick its
+    ``crf`` equals the hits decayed by their age, computed directly."""
+    policy = make_policy("cost-aware", SMOLLM2_135M, decay=8)
+    t = HoleTree(policy=policy)
+    t.insert([1, 2, 3], [0, 1, 2])  # tick 1: created, one hit
+    ticks = [1]
+    for k in range(12):
+        if k % 3 == 0:
+            t.match([1, 2, 3])
+            ticks.append(t.now)
+        else:
+            t.match([9])  # the clock moves on
+    node = t.root.children[(1,)]
+    want = sum(math.exp(-(t.now - s) / 8) for s in ticks)
+    assert policy.crf(node, t.now) == pytest.approx(want, rel=1e-12)
