@@ -131,3 +131,15 @@ def _as_slots(slots: torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
     if s.numel() != n:
         raise ValueError(f"got {s.numel()} slots for {n} tokens (one slot per token)")
     return s.to(torch.int64)
+
+
+def common_len(key: tuple[int, ...], tokens: tuple[int, ...], pos: int, page_size: int) -> int:
+    """Length (whole pages of ``page_size``) of the common prefix of ``key`` and ``tokens[pos:]``."""
+    n = min(len(key), len(tokens) - pos)
+    n -= n % page_size
+    if key[:n] == tokens[pos : pos + n]:  # one C-level comparison in the common case
+        return n
+    i = 0
+    while i < n and key[i : i + page_size] == tokens[pos + i : pos + i + page_size]:
+        i += page_size
+    return i

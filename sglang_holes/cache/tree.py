@@ -31,6 +31,7 @@ from sglang_holes.cache.node import (
     TreeHandle,
     _as_slots,
     _as_tokens,
+    common_len,
 )
 from sglang_holes.cache.tree_audit import audit
 from sglang_holes.cache.victim_index import ScanIndex
@@ -83,18 +84,6 @@ class HoleTree:
 
     def _child_key(self, tokens: tuple[int, ...], pos: int) -> tuple[int, ...]:
         return tokens[pos : pos + self.page_size]
-
-    def _common_len(self, key: tuple[int, ...], tokens: tuple[int, ...], pos: int) -> int:
-        """Length (whole pages) of the common prefix of ``key`` and ``tokens[pos:]``."""
-        n = min(len(key), len(tokens) - pos)
-        n -= n % self.page_size
-        if key[:n] == tokens[pos : pos + n]:
-            return n
-        P = self.page_size
-        i = 0
-        while i < n and key[i : i + P] == tokens[pos + i : pos + i + P]:
-            i += P
-        return i
 
     def _new_node(self, key: tuple[int, ...], start: int, slots: torch.Tensor | None, parent: Node) -> Node:
         node = Node(key, start, slots, parent)
@@ -149,7 +138,7 @@ class HoleTree:
             child = node.children.get(self._child_key(tokens, pos))
             if child is None:
                 break
-            n = self._common_len(child.key, tokens, pos)
+            n = common_len(child.key, tokens, pos, self.page_size)
             if n < len(child.key):
                 if n > 0:
                     if split_end:

@@ -21,7 +21,6 @@ the same way in both.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from sglang_holes.cache.node import Node
@@ -100,13 +99,12 @@ class HeapIndex:
 
 
 class ScanIndex:
-    """The reference search: every ``pop`` scans the tree. ``key``: the policy's, or one that changes
-    without the tree's knowledge (``benchmarks/policy_replay.Clairvoyant``)."""
+    """The reference search: every ``pop`` scans the tree, so the policy's key may also change without
+    the tree's knowledge (``benchmarks/policy_replay.Clairvoyant``)."""
 
-    def __init__(self, policy: KeyedPolicy, tree: IndexedTree, key: Callable[[Node], Any] | None = None) -> None:
+    def __init__(self, policy: KeyedPolicy, tree: IndexedTree) -> None:
         self.policy = policy
         self.tree = tree
-        self.key = key or policy.key
 
     def update(self, node: Node) -> None:
         pass
@@ -115,5 +113,6 @@ class ScanIndex:
         pass
 
     def pop(self) -> Node | None:
-        best = [(self.key(n), n.serial, n) for n in self.tree.nodes() if is_candidate(n, self.policy.leaves_only)]
+        policy = self.policy
+        best = [(policy.key(n), n.serial, n) for n in self.tree.nodes() if is_candidate(n, policy.leaves_only)]
         return min(best, key=lambda e: e[:2])[2] if best else None
