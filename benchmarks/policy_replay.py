@@ -12,7 +12,9 @@ generations):
   cache is asked to evict exactly the shortfall (``evict_to_free_tokens``), never what the request
   locked; after each piece the checkpoint inserts everything before the first position not yet
   computed, which the request then keeps locked;
-* the finished request's prompt goes into the tree (duplicates freed), then its locks are released.
+* the finished request's prompt goes into the tree (duplicates freed), then its locks are released,
+  and (``cost-aware``) the ``DecayDuel`` sees the prompt, as the engine's cache does when it releases
+  a finished request.
 
 FLOPs are ``RecomputeCost.span`` (attention + linear layers) of every computed span, the model's
 constants; the engine side reads the same spans from ``meta_info["hole_spans"]``.
@@ -21,10 +23,12 @@ constants; the engine side reads the same spans from ``meta_info["hole_spans"]``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from sglang_holes import HoleTree, RecomputeCost, make_policy
+from sglang_holes.cache.decay_duel import DecayDuel, make_duel
 from sglang_holes.cache.eviction import CostAware, EvictionPolicy
 from sglang_holes.cache.leaf_policies import TreeView
 from sglang_holes.cache.node import Node
@@ -52,7 +56,7 @@ class Clairvoyant(CostAware):
     changes as the stream advances, so it searches by scanning (``ScanIndex``)."""
 
     def __init__(self, requests: list[list[int]], cost: RecomputeCost):
-        super().__init__(cost)
+        super().__init__(cost, decays=(1.0,))  # its key reads no hit count: nothing to duel over
         self.name = "clairvoyant"
         self.requests = requests
         self.at = 0  # the request being served (``replay`` sets it)
@@ -71,13 +75,28 @@ class Clairvoyant(CostAware):
         return ScanIndex(self, tree)
 
 
+class Replayed(NamedTuple):
+    """What ``run`` leaves: per request, what the engine computes; the tree and the duel (or None) after."""
+
+    outcomes: list[Outcome]
+    tree: HoleTree
+    duel: DecayDuel | None
+
+
 def replay(policy: str | EvictionPolicy, requests: list[list[int]], pool: int, cost: RecomputeCost,
            chunk: int | None = None) -> list[Outcome]:
-    """Per request, what the engine computes. ``policy``: a registered name, or a policy object
-    (``Clairvoyant``). ``chunk``: SGLang's chunked-prefill size (None: every request in one piece): a
-    request computing more is prefilled in pieces of ``chunk`` positions, each allocated (evicting the
-    shortfall) and checkpointed into the tree before the next."""
+    """Per request, what the engine computes (``run(...).outcomes``)."""
+    return run(policy, requests, pool, cost, chunk).outcomes
+
+
+def run(policy: str | EvictionPolicy, requests: list[list[int]], pool: int, cost: RecomputeCost,
+        chunk: int | None = None) -> Replayed:
+    """Serve ``requests`` (prompts, token ids) in order from a ``pool`` of tokens. ``policy``: a registered
+    name, or a policy object (``Clairvoyant``). ``chunk``: SGLang's chunked-prefill size (None: every
+    request in one piece): a request computing more is prefilled in pieces of ``chunk`` positions, each
+    allocated (evicting the shortfall) and checkpointed into the tree before the next."""
     tree = HoleTree(policy=make_policy(policy, cost) if isinstance(policy, str) else policy)
+    duel = make_duel(tree.policy, pool)
     free = torch.arange(1, pool + 1)  # slot 0 is SGLang's padding slot
     out = []
     for i, prompt in enumerate(requests):
@@ -112,11 +131,13 @@ def replay(policy: str | EvictionPolicy, requests: list[list[int]], pool: int, c
                 handles.append(result.handle)
         for handle in handles:
             tree.unlock(handle)
+        if duel is not None:
+            duel.observe(prompt, [tree])
         spans = _merge([(s, e) for s, e in match.missing if e <= n - 1] + [(n - 1, n)])
         # A hole request: KV reused beyond the first missing position (the engine's fill path).
         out.append(Outcome(need, span_flops(spans, cost), match.reused_tokens > match.cached_prefix_len))
     tree.check_integrity()
-    return out
+    return Replayed(out, tree, duel)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from sglang_holes import HoleTree, make_policy
+from sglang_holes.cache.decay_duel import make_duel
 from sglang_holes.cache.recompute_cost import LLAMA3_8B, SMOLLM2_135M, RecomputeCost
 
 MODELS = {"Llama-3-8B": LLAMA3_8B, "SmolLM2-135M": SMOLLM2_135M}
@@ -114,6 +115,7 @@ class Stats:
 
 def simulate(requests: list[Request], capacity: int, policy: str, cost: RecomputeCost, bar: tqdm) -> Stats:
     tree = HoleTree(policy=make_policy(policy, cost))
+    duel = make_duel(tree.policy, capacity)  # cost-aware's shadows, as the server keeps them
     free = torch.arange(capacity)
     st = Stats(flops=dict.fromkeys(MODELS, 0.0))
     for req in requests:
@@ -142,6 +144,8 @@ def simulate(requests: list[Request], capacity: int, policy: str, cost: Recomput
             row[mask] = new
             free = torch.cat([free, tree.insert(toks, row).rejected_slots])
         tree.unlock(r.handle)
+        if duel is not None:
+            duel.observe(req.prompt, [tree])
         bar.update()
     tree.check_integrity()
     return st

@@ -67,12 +67,14 @@ def _sessions(seed: int, sessions: int = 4, turns: int = 8, doc: int = 500) -> l
 def test_the_simulator_predicts_the_engine_request_by_request(which, tiny_engines, priority_engine, tiny_llama):
     """Issue 22 item 1: ``benchmarks/policy_replay.py`` (a HoleTree doing what SGLang does around one
     request at a time) predicts the prompt tokens the engine computes for every request of a stream
-    that evicts all the time, with holes under ``cost-aware``: exactly, not within a tolerance."""
+    that evicts all the time, with holes under ``cost-aware``: exactly, not within a tolerance. Under
+    ``cost-aware`` the engine's shadow caches (``DecayDuel``, fed by the cache's ``on_release``) also end
+    where the replay's do: each finished request observed once, in order, and the same decay followed."""
     import json
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from policy_replay import replay
+    from policy_replay import run
 
     from sglang_holes.cache.recompute_cost import RecomputeCost
     from tests.conftest import TINY_POOL
@@ -83,10 +85,20 @@ def test_the_simulator_predicts_the_engine_request_by_request(which, tiny_engine
     cost = RecomputeCost.from_config(json.loads((tiny_llama / "config.json").read_text()))
     before = _stats(eng)["hole_requests"]
     got = [_ask(eng, ids, priority=0) for ids in requests]
-    want = replay(which, requests, pool, cost)
+    replayed = run(which, requests, pool, cost)
+    want = replayed.outcomes
     assert [m["prompt_tokens"] - m["cached_tokens"] for m in got] == [o.computed for o in want]
     holes = _stats(eng)["hole_requests"] - before
     assert holes == sum(o.holes for o in want) and (holes > 0) == (which == "cost-aware")
+    state = eng.get_server_info()["internal_states"][0]["sglang_holes"]["cache"]
+    duel = replayed.duel
+    if which == "cost-aware":
+        assert duel is not None and duel.observed == len(requests)
+        assert state["policy_decay"] == duel.policy.decay
+        assert state["policy_shadow_flops"] == {f"{d:g}": s.flops for d, s in zip(duel.policy.decays, duel.shadows,
+                                                                                  strict=True)}
+    else:
+        assert duel is None and "policy_decay" not in state
 
 
 def _stats(eng) -> dict:

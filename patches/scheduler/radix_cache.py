@@ -48,6 +48,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
+from sglang_holes.cache.decay_duel import make_duel
 from sglang_holes.cache.eviction import make_policy
 from sglang_holes.cache.leaf_policies import stamp_like_sglang_checkpoint
 from sglang_holes.cache.namespaces import Namespaces
@@ -124,6 +125,8 @@ class HoleRadixCache(CacheLocks, BasePrefixCache):
 
     def reset(self) -> None:
         self.namespaces = Namespaces(self.page_size, self.policy)
+        # cost-aware's decay, chosen by shadow caches of the pool's size (None: nothing to choose).
+        self.duel = make_duel(self.policy, int(self.token_to_kv_pool_allocator.size), self.page_size)
         # inc_lock_ref's handles per node: dec_lock_ref releases one of these, never a forged one.
         self._ref_locks: dict[int, list[TreeHandle]] = {}
         self.root_node = self._tree().root
@@ -226,6 +229,11 @@ class HoleRadixCache(CacheLocks, BasePrefixCache):
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         rec = holes_of(req)
+        if self.duel is not None and checkpointed and req.finished() and rec.chunk_hints is None:
+            # Each finished request once (a retracted one is released without a checkpoint); chunk-mode
+            # prompts keep approximate KV out of the exact tree the shadows model.
+            if self.duel.observe(list(req.origin_input_ids), self.namespaces.trees()):
+                self.count("policy_switches")
         rec.fill = None
         if rec.chunk is not None and rec.chunk.seeded is not None:
             self.unlock(rec.chunk.seeded)

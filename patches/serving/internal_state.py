@@ -35,6 +35,10 @@ def cache_state(scheduler: Any) -> dict[str, Any]:
         out["protected"] = int(cache.protected_size())
     if isinstance(cache, HoleRadixCache):
         out["policy"] = cache.policy.name
+        if cache.duel is not None:  # cost-aware's decay now, and the shadows' recent FLOPs per decay
+            out["policy_decay"] = cache.policy.decay
+            shadows = zip(cache.policy.decays, cache.duel.shadows, strict=True)
+            out["policy_shadow_flops"] = {f"{d:g}": shadow.flops for d, shadow in shadows}
         out["hole_batches"] = "on" if cache.no_hole_batches is None else f"off: {cache.no_hole_batches}"
         out["stats"] = dict(cache.stats)
         if cache.chunks is not None:

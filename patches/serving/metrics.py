@@ -28,6 +28,7 @@ COUNTERS = {
     "chunk_requests": "Chunk-mode (RAG) requests that reused stored chunk KV.",
     "chunk_reused_tokens": "Prompt tokens chunk-mode requests reused from the chunk store.",
     "chunk_evicted_tokens": "Chunk-store tokens evicted to free slots (chunks and prefixes share the pool).",
+    "policy_switches": "Times cost-aware's shadow caches moved it to another decay (recency vs frequency).",
     "request_errors": "Requests whose reuse planning or chunk copy failed: served without it (logged with the rid).",
 }
 

@@ -17,25 +17,27 @@ recompute only the hole), and only the head of a node when less is needed.
   cheapest slots, whole pages), so the key is that of the next slot to go.
 * ``crf`` (the "combined recency and frequency" of LRFU, Lee et al., IEEE ToC 2001) counts the
   matches that walked through the node, each decayed by its age in tree clock ticks (one per match
-  or insert; ``decay`` = 8 ticks, ~3 requests, by default). Frequent use keeps a node, and so does
-  recent use; a context nobody reads any more (a closed chat, an agent that started a new task)
-  loses its claim at the same rate however often, and however expensively, it was used before.
-  Every hit on a descendant passes through its ancestors, so a shared system prompt or document
-  prefix accumulates the hits of everything below it and is the last to go.
+  or insert). Every hit on a descendant passes through its ancestors, so a shared system prompt or
+  document prefix accumulates the hits of everything below it and is the last to go.
 * The decay is the same for every node, so ``exp(now / decay)`` factors out of every key: the
   order of two nodes changes only when one of them is hit or changes shape. ``key`` is kept as
   ``log(cost) + log Σ exp(tᵢ / decay)``, constant between the tree's updates, and the victim search
   is a heap (``victim_index.HeapIndex``), O(log n) per victim instead of a scan of the tree.
+* **Which decay.** A long decay counts frequency: the documents of popular chat sessions, which
+  return, stay. But the transcript of an agent that finished its task was read at every step and
+  keeps that claim too, displacing the live contexts of rarer agents; there a short decay (recency)
+  is right. On ``benchmarks/bench_policy_streams.py``'s streams a decay of 32 ticks computes 15-31%
+  fewer FLOPs than 8 on Zipf chat at 25-50% cache and up to 12% more on agent transcripts, where 2
+  ticks never computes more than ``lru``. So ``cost-aware`` keeps both counts on every node (``decays``
+  = 2 and 32 ticks) and follows one: ``DecayDuel`` (``decay_duel``) replays every finished request
+  in two KV-less shadow caches of the pool's size, one per decay, and the real cache orders by the
+  decay whose shadow recently computed fewer FLOPs (switching rebuilds the heap, O(n log n), rarely).
+  ``--radix-eviction-policy-config '{"decay": d}'`` fixes one decay instead (no shadows).
 
 An earlier form, ``hit rate × recency × cost of the evicted head``, was not time-invariant (it needed
-a scan per eviction) and computed 11-12% more FLOPs than ``lru`` on the agent stream of
-``benchmarks/bench_policy_streams.py``: a finished transcript, expensive per slot, outlived the live
-contexts of rarer agents. The decay trades the streams against each other: on that benchmark's
-streams (default seeds and seeds 10-13) a decay of 16 ticks saves more on Zipf chat (14-38% fewer
-FLOPs than ``lru`` at 25% cache) but computes up to 10% more on agent transcripts, whose early
-nodes gather the hits of every step; 8 ticks saves 15-30% on chat there and stays within ~1% of
-``lru`` on every agent stream tried. Results on seeds not used to choose it:
-``benchmarks/results/policy_streams.md``.
+a scan per eviction) and computed 11-12% more FLOPs than ``lru`` on the agent stream; a single decay
+of 8 ticks (the next form) stayed within 1.3% of ``lru`` there but saved only 14-21% on chat, where
+following the better of 2 and 32 saves 20-30% (``benchmarks/results/policy_streams.md``).
 
 Worked example (SmolLM2-135M constants: linear ≈ 0.21 GFLOP/token, attention ≈ 69 kFLOP/key):
 a shared 1k-token system prompt S hit 10 times, and two 8k-token documents A, B below
@@ -59,8 +61,6 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
 
-import numpy as np
-
 from sglang_holes.cache.leaf_policies import (
     TreeView,
     lru_leaf,
@@ -72,6 +72,10 @@ from sglang_holes.cache.leaf_policies import (
 from sglang_holes.cache.node import Node
 from sglang_holes.cache.recompute_cost import SMOLLM2_135M, RecomputeCost
 from sglang_holes.cache.victim_index import HeapIndex
+
+# cost-aware's decay times (tree ticks) without a ``decay`` parameter: recency-like (2) and
+# frequency-like (32), the lead chosen by ``DecayDuel``.
+DEFAULT_DECAYS = (2.0, 32.0)
 
 
 class EvictionPolicy(Protocol):
@@ -96,37 +100,67 @@ class EvictionPolicy(Protocol):
 
 class CostAware:
     """``cost-aware``; with ``by_priority`` (``priority-cost``), SGLang's request priorities first: KV
-    only lower-priority requests inserted goes before any of a higher priority, cost-aware within one."""
+    only lower-priority requests inserted goes before any of a higher priority, cost-aware within one.
+
+    ``decays``: the decay times (tree ticks) it keeps a decayed hit count for, one per node each;
+    ``lead`` indexes the one the key reads. With more than one, ``DecayDuel`` (``decay_duel``) moves
+    the lead to whichever decay would have computed the fewest recent FLOPs (``follow``)."""
 
     partial = True
     leaves_only = False
 
-    def __init__(self, cost: RecomputeCost, decay: float = 8.0, by_priority: bool = False):
-        if decay <= 0:
+    def __init__(self, cost: RecomputeCost, decays: tuple[float, ...] = DEFAULT_DECAYS, by_priority: bool = False):
+        if not decays or any(not d > 0 for d in decays):
             raise ValueError("decay must be > 0")
         self.cost = cost
-        self.decay = decay
+        self.decays = tuple(float(d) for d in decays)
+        self.lead = 0
         self.by_priority = by_priority
         self.name = "priority-cost" if by_priority else "cost-aware"
 
+    @property
+    def decay(self) -> float:
+        """The decay time the key reads now (ticks)."""
+        return self.decays[self.lead]
+
+    def follow(self, lead: int) -> bool:
+        """Order by the hit counts of ``decays[lead]`` from now on. True when that changes every key: the
+        caller rebuilds its trees' victim indexes (``HoleTree.reindex``)."""
+        if not 0 <= lead < len(self.decays):
+            raise ValueError(f"lead {lead} is not one of the {len(self.decays)} decays")
+        changed, self.lead = lead != self.lead, lead
+        return changed
+
     def hit(self, node: Node, now: int) -> None:
-        node.log_crf = float(np.logaddexp(node.log_crf, now / self.decay))
+        logs = node.log_crf or (-math.inf,) * len(self.decays)
+        node.log_crf = tuple(_log_add_exp(log, now / d) for log, d in zip(logs, self.decays, strict=True))
 
     def key(self, node: Node) -> tuple[int, float]:
         first = self.cost.span(node.start, node.start + 1)  # its cheapest slot, the first to go
         cost = math.log(first) if first > 0 else -math.inf
-        return (node.priority if self.by_priority else 0, cost + node.log_crf)
+        crf = node.log_crf[self.lead] if node.log_crf else -math.inf
+        return (node.priority if self.by_priority else 0, cost + crf)
 
     def crf(self, node: Node, now: int) -> float:
-        """The node's decayed hit count at tick ``now`` (what ``key`` orders by, without the common factor)."""
-        return math.exp(node.log_crf - now / self.decay)
+        """The node's decayed hit count at tick ``now`` under the lead decay (what ``key`` orders by, without
+        the common factor)."""
+        return math.exp(node.log_crf[self.lead] - now / self.decay) if node.log_crf else 0.0
 
     def index(self, tree: TreeView) -> HeapIndex:
         return HeapIndex(self, tree)
 
 
-def _cost_aware(recompute_cost: RecomputeCost | None, decay: float = 8.0, by_priority: bool = False) -> CostAware:
-    return CostAware(recompute_cost or SMOLLM2_135M, decay=float(decay), by_priority=by_priority)
+def _log_add_exp(a: float, b: float) -> float:
+    """log(exp(a) + exp(b)) without overflow (``numpy.logaddexp`` costs ~1 µs per scalar call; this, per hit,
+    a tenth of that)."""
+    hi, lo = (a, b) if a >= b else (b, a)
+    return hi if lo == -math.inf else hi + math.log1p(math.exp(lo - hi))
+
+
+def _cost_aware(recompute_cost: RecomputeCost | None, decay: float | None = None,
+                by_priority: bool = False) -> CostAware:
+    decays = DEFAULT_DECAYS if decay is None else (float(decay),)
+    return CostAware(recompute_cost or SMOLLM2_135M, decays=decays, by_priority=by_priority)
 
 
 # name -> factory(recompute cost of the served model or None for SmolLM2-135M's constants, **params)

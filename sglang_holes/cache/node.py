@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -38,7 +37,8 @@ class Node:
     """One tree edge: ``key`` tokens starting at position ``start``; ``slots`` is None for a hole.
 
     Statistics (logical clock ticks, ``HoleTree.now``): ``hits``, ``last_access`` and ``created``;
-    ``log_crf``, the log of ``cost-aware``'s decayed hit count (kept by that policy's ``hit``);
+    ``log_crf``, the logs of ``cost-aware``'s decayed hit counts, one per decay it keeps (its ``hit``
+    sets them; empty before the first);
     ``sg_access``, ``sg_hits`` and ``priority`` are SGLang's ``last_access_time``, ``hit_count`` and
     ``priority`` with SGLang's semantics, for its own policies (``sglang_holes.cache.leaf_policies``).
 
@@ -63,7 +63,7 @@ class Node:
         self.sg_access = 0.0
         self.sg_hits = 0
         self.priority = 0
-        self.log_crf = -math.inf
+        self.log_crf: tuple[float, ...] = ()
         self.serial = 0
         self.cached_below = 0
         self.version = 0

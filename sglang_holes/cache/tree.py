@@ -395,6 +395,10 @@ class HoleTree:
     def total_size(self) -> int:
         return self.evictable_size + self.protected_size
 
+    def reindex(self) -> None:
+        """The policy changed every key at once (``CostAware.follow``): rebuild the victim index."""
+        self.index.rebuild()
+
     def check_integrity(self) -> None:
         """Raise ``AssertionError`` unless every structural, accounting and index invariant holds
         (``sglang_holes.cache.tree_audit``)."""

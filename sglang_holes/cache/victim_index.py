@@ -109,6 +109,9 @@ class ScanIndex:
     def update(self, node: Node) -> None:
         pass
 
+    def rebuild(self) -> None:
+        pass
+
     def check_integrity(self) -> None:
         pass
 

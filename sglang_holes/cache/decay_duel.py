@@ -1,0 +1,111 @@
+"""``DecayDuel``: which of ``cost-aware``'s decay times the cache follows, chosen by replaying the stream.
+
+No single decay serves every stream (``benchmarks/results/policy_streams.md``). Counting hits over a
+long time (frequency) keeps the documents of popular chat sessions, which return; but an agent's
+transcript that was read at every step of a finished task keeps that claim too, and displaces the
+live contexts of rarer agents. Counting only recent hits (recency) is right there, and wrong for the
+chat sessions. What the server can do is try both: ``DecayDuel`` keeps one *shadow* cache per decay,
+a ``HoleTree`` of the same capacity that holds token ids and no KV, runs ``cost-aware`` with that
+decay alone, and is shown every finished request's prompt. Each shadow counts the prompt FLOPs it
+would have computed (``RecomputeCost``), decayed by ``forget`` per request so that the stream's recent
+past decides; the real cache follows the shadow that computed least (``CostAware.follow``), and
+starts with the first decay (recency, the closest to SGLang's ``lru``).
+
+This is set dueling (Qureshi et al., "Adaptive insertion policies for high performance caching",
+ISCA 2007) with whole shadow caches instead of sampled sets: the shadows hold no KV, so the price is
+the token ids of one pool per decay on the host (a tuple entry per token) and, per finished request,
+one match, eviction and insert of its prompt in each shadow.
+
+A shadow serves a prompt as the engine serves one request alone: the match covers all but the last
+token, the missing positions and the last are computed (their FLOPs), the shortfall is evicted with
+the matched path locked, and the prompt is inserted. With ``forget=1`` a shadow's count is exactly
+``benchmarks/policy_replay.replay`` of that decay without chunked prefill
+(``tests/test_decay_duel.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from sglang_holes.cache.eviction import CostAware
+from sglang_holes.cache.tree import HoleTree
+
+
+class ShadowCache:
+    """A KV-less ``HoleTree`` of ``capacity`` tokens under ``cost-aware`` with one decay; counts its FLOPs."""
+
+    def __init__(self, policy: CostAware, capacity: int, page_size: int) -> None:
+        self.tree = HoleTree(page_size=page_size, policy=policy)
+        self.cost = policy.cost
+        self.capacity = capacity
+        self.flops = 0.0  # decayed: what it computed recently
+        self._next_slot = 0  # placeholder slot ids, unique so the tree's ownership checks hold
+
+    def serve(self, prompt: Sequence[int], forget: float) -> float:
+        """Serve one prompt (token ids, at least one); returns the FLOPs this shadow computed for it."""
+        tree, n = self.tree, len(prompt)
+        match = tree.match(prompt[: n - 1])
+        flops = sum(self.cost.span(s, e) for s, e in match.missing) + self.cost.span(n - 1, n)
+        need = sum(e - s for s, e in match.missing) + 1  # SGLang always computes the last position
+        tree.lock(match.handle)
+        over = tree.total_size + need - self.capacity
+        if over > 0:
+            tree.evict(min(over, tree.evictable_size))
+        tree.unlock(match.handle)
+        slots = torch.arange(self._next_slot, self._next_slot + n)
+        self._next_slot += n
+        tree.insert(prompt, slots, owned=torch.ones(n, dtype=torch.bool))
+        self.flops = self.flops * forget + flops
+        return flops
+
+
+class DecayDuel:
+    """Shadow caches for each of ``policy.decays``; ``observe`` moves ``policy.lead`` to the cheapest.
+
+    ``capacity``: the KV pool's size in tokens (what the real cache can hold at most). ``forget``: the
+    weight of the shadows' past per observed request (0.97: about the last 33 requests decide).
+    """
+
+    def __init__(self, policy: CostAware, capacity: int, page_size: int = 1, forget: float = 0.97) -> None:
+        if capacity <= 0:
+            raise ValueError("capacity must be > 0 tokens")
+        if not 0 < forget <= 1:
+            raise ValueError("forget must be in (0, 1]")
+        self.policy = policy
+        self.forget = forget
+        self.shadows = [ShadowCache(CostAware(policy.cost, (d,)), capacity, page_size) for d in policy.decays]
+        self.observed = 0
+        self.switches = 0
+        policy.follow(0)
+
+    def observe(self, prompt: Sequence[int], trees: Iterable[HoleTree] = ()) -> bool:
+        """A request with this prompt finished: serve it in every shadow, then follow the cheapest. When the
+        lead changes, the victim index of each of ``trees`` (the real cache's) is rebuilt; returns whether it
+        changed."""
+        if len(prompt) < 1:
+            return False
+        for shadow in self.shadows:
+            shadow.serve(prompt, self.forget)
+        self.observed += 1
+        flops = [s.flops for s in self.shadows]
+        best = min(range(len(flops)), key=flops.__getitem__)
+        if flops[best] >= flops[self.policy.lead] or not self.policy.follow(best):
+            return False
+        self.switches += 1
+        for tree in trees:
+            tree.reindex()
+        return True
+
+    def check_integrity(self) -> None:
+        assert len(self.shadows) == len(self.policy.decays)
+        for shadow in self.shadows:
+            shadow.tree.check_integrity()
+
+
+def make_duel(policy: object, capacity: int, page_size: int = 1) -> DecayDuel | None:
+    """The duel for ``policy`` when it is a ``cost-aware`` with several decays; None otherwise (nothing to choose)."""
+    if isinstance(policy, CostAware) and len(policy.decays) > 1:
+        return DecayDuel(policy, capacity, page_size)
+    return None
