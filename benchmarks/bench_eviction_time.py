@@ -27,6 +27,7 @@ from bench_startup import cpu_name  # benchmarks/ is on sys.path when run as a s
 from tqdm import tqdm
 
 from sglang_holes import HoleTree, make_policy
+from sglang_holes.cache.decay_duel import DecayDuel
 
 POLICIES = ("lru", "lfu", "slru", "priority", "lru-leaf", "cost-aware", "priority-cost")
 OUT = Path(__file__).resolve().parent / "results" / "eviction_time.md"
@@ -76,6 +77,27 @@ def time_evictions(tree: HoleTree, n: int, target: int, reps: int) -> float:
     return statistics.median(per_token)
 
 
+def time_duel(tree: HoleTree, turns: list[list[int]], capacity: int) -> dict[str, float]:
+    """``cost-aware``'s decay duel at this size: ms to rebuild the heap when the lead switches
+    (``HoleTree.reindex``, on a copy of ``tree``), and ``DecayDuel.observe`` of every turn in order with
+    shadows of ``capacity`` tokens: median µs per finished request and per prompt token."""
+    t = copy.deepcopy(tree)
+    t0 = time.perf_counter()
+    t.policy.follow(1 - t.policy.lead)
+    t.reindex()
+    rebuild_ms = (time.perf_counter() - t0) * 1e3
+    duel = DecayDuel(make_policy("cost-aware"), capacity)
+    per_request, per_token = [], []
+    for turn in turns:
+        t0 = time.perf_counter()
+        duel.observe(turn)
+        dt = (time.perf_counter() - t0) * 1e6
+        per_request.append(dt)
+        per_token.append(dt / len(turn))
+    return {"rebuild_ms": rebuild_ms, "observe_us": statistics.median(per_request),
+            "observe_ns_per_token": 1e3 * statistics.median(per_token)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -84,7 +106,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
     args = ap.parse_args()
-    rows = []
+    rows, duel = [], {}
     for policy in tqdm(args.policies, desc="policies"):
         for scan in (False, True):
             row = {"policy": policy, "search": "scan" if scan else "heap"}
@@ -93,6 +115,8 @@ def main() -> None:
                 row[size] = time_evictions(tree, args.evict, args.target, args.reps)
                 row[f"match{size}"] = time_matches(tree, turns)
                 row[f"nodes{size}"] = len(tree.nodes())
+                if policy == "cost-aware" and not scan:
+                    duel[size] = time_duel(tree, turns, size)
             rows.append(row)
     first, last = args.sizes[0], args.sizes[-1]
     lines = [f"# Eviction time per freed token vs cached tokens ({cpu_name()})", "",
@@ -109,6 +133,13 @@ def main() -> None:
         lines.append(f"| `{r['policy']}` | {r['search']} | {cells} | {r[last] / r[first]:.1f}× | "
                      f"{r[f'match{first}']:.0f} | {r[f'match{last}']:.0f} |")
     lines += ["", "Tree nodes: " + ", ".join(f"{s:,} tokens → {rows[0][f'nodes{s}']:,}" for s in args.sizes) + "."]
+    if duel:
+        lines += ["", "`cost-aware`'s decay duel (`DecayDuel`, shadows of the cached size fed every turn in order; "
+                  "a lead switch rebuilds the real tree's heap):", "",
+                  "| cached tokens | heap rebuild at a switch, ms | `observe` per finished request, µs (median) | "
+                  "per prompt token, ns |", "|---:|---:|---:|---:|"]
+        lines += [f"| {size:,} | {d['rebuild_ms']:.2f} | {d['observe_us']:.0f} | {d['observe_ns_per_token']:.0f} |"
+                  for size, d in duel.items()]
     OUT.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -41,9 +41,12 @@ from bench_startup import cpu_name  # benchmarks/ is on sys.path when run as a s
 from policy_replay import Clairvoyant, replay
 from tqdm import tqdm
 
+from sglang_holes.cache.eviction import EvictionPolicy, make_policy
 from sglang_holes.cache.recompute_cost import SMOLLM2_135M
 
-POLICIES = ("lru", "lfu", "slru", "cost-aware", "clairvoyant")  # the last knows the stream: a reference
+# "cost-aware decay=d": one fixed decay (what DecayDuel chooses between); "clairvoyant" knows the stream.
+POLICIES = ("lru", "lfu", "slru", "cost-aware decay=2", "cost-aware decay=32", "cost-aware", "clairvoyant")
+HOLDOUT = ("lru", "cost-aware decay=2", "cost-aware decay=32", "cost-aware", "clairvoyant")
 ONE = {"max_new_tokens": 1, "temperature": 0.0}
 
 
@@ -115,6 +118,15 @@ def pool_for(requests: list[list[int]], fraction: float) -> int:
     return max(int(fraction * tree.total_size), max(map(len, requests)) + 64)
 
 
+def _policy(spec: str, requests: list[list[int]]) -> str | EvictionPolicy:
+    if spec == "clairvoyant":
+        return Clairvoyant(requests, SMOLLM2_135M)
+    if " decay=" in spec:
+        name, decay = spec.split(" decay=")
+        return make_policy(name, SMOLLM2_135M, decay=float(decay))
+    return spec
+
+
 def replay_grid(requests: list[list[int]], fractions: list[float], chunk: int,
                 policies: tuple[str, ...] = POLICIES) -> list[dict]:
     rows = []
@@ -122,7 +134,7 @@ def replay_grid(requests: list[list[int]], fractions: list[float], chunk: int,
         pool = pool_for(requests, fraction)
         base = None
         for policy in policies:
-            which = Clairvoyant(requests, SMOLLM2_135M) if policy == "clairvoyant" else policy
+            which = _policy(policy, requests)
             out = replay(which, requests, pool, SMOLLM2_135M, chunk)
             flops = sum(o.flops for o in out)
             base = flops if policy == "lru" else base
@@ -162,14 +174,15 @@ def write(grid: dict[str, list[dict]], holdout: dict[str, dict[int, list[dict]]]
             lines.append(f"| {name} | {fraction:.0%} | {sel['lru']['pool']} | {cells} | "
                          f"{sel['cost-aware']['hole_requests']}/{args.requests} |")
     seeds = " ".join(map(str, args.holdout_seeds))
-    lines += ["", f"The same on other seeds of each stream (`--holdout-seeds {seeds}`; `cost-aware`'s form and decay "
-              "were chosen on the default seeds and seeds 10-13, not these): FLOPs vs `lru`, lowest–highest over "
-              "the seeds.", "",
-              "| stream | cache | `cost-aware` | `clairvoyant` |", "|---|---|---|---|"]
+    lines += ["", f"The same on other seeds of each stream (`--holdout-seeds {seeds}`; `cost-aware`'s form, its two "
+              "decays and the duel's forgetting were chosen on the default seeds and seeds 10-13, not these): FLOPs "
+              "vs `lru`, lowest–highest over the seeds.", "",
+              "| stream | cache | " + " | ".join(f"`{p}`" for p in HOLDOUT[1:]) + " |",
+              "|---|---|" + "---|" * (len(HOLDOUT) - 1)]
     for name, per_seed in holdout.items():
         for fraction in args.fractions:
             cells = []
-            for policy in ("cost-aware", "clairvoyant"):
+            for policy in HOLDOUT[1:]:
                 v = [r["vs_lru"] for rows in per_seed.values() for r in rows
                      if r["fraction"] == fraction and r["policy"] == policy]
                 cells.append(f"{min(v):.3f}–{max(v):.3f}")
@@ -207,7 +220,7 @@ def main() -> None:
     grid = {name: replay_grid(make(args.requests), args.fractions, args.chunk) for name, make in
             tqdm(STREAMS.items(), desc="streams")}
     holdout = {name: {seed: replay_grid(make(args.requests, seed=seed), args.fractions, args.chunk,
-                                        ("lru", "cost-aware", "clairvoyant")) for seed in args.holdout_seeds}
+                                        HOLDOUT) for seed in args.holdout_seeds}
                for name, make in tqdm(STREAMS.items(), desc="held-out seeds")}
     engine = []
     for name in args.engine:

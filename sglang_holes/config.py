@@ -9,7 +9,7 @@ The eviction policy comes from SGLang's own flags, ``--radix-eviction-policy`` (
 by default with the ``holes`` cache; ``priority-cost``; SGLang's own ``lru``, ``lfu``, ``slru``,
 ``priority``, leaves only, as SGLang evicts them; ``lru-leaf``) and ``--radix-eviction-policy-config``
 (its parameters, e.g. ``{"decay": 16}``, which fixes ``cost-aware``'s decay instead of letting its
-shadow caches choose between 2 and 32 ticks).
+shadow caches choose among 2, 8, 32 and 128 ticks).
 
 =================================  =====================  ==================================================
 variable                           default                meaning
@@ -70,8 +70,8 @@ class HolesConfig:
     """What the ``holes`` cache and the hole-aware attention backends are told (validated).
 
     eviction_policy: a name registered in ``sglang_holes.cache.eviction.EVICTION_POLICIES``.
-    eviction_params: the policy's parameters, as ``(name, value)`` pairs (``cost-aware``: ``decay``, one fixed decay time in ticks instead of the
-        shadow caches' choice).
+    eviction_params: the policy's parameters, as ``(name, value)`` pairs (``cost-aware``: ``decay``, one
+        fixed decay time in ticks instead of the shadow caches' choice).
     attention_path: the hole attention strategy, ``auto`` (chosen per batch), ``custom_mask`` (one
         masked launch per sequence) or ``spans`` (mask-free per run of missing tokens); on
         FlashInfer the two plans of that name, on CPU (``sdpa``) one masked SDPA call vs two

@@ -33,7 +33,7 @@ def chat() -> list[list[int]]:
 @pytest.mark.parametrize("decay", DEFAULT_DECAYS)
 def test_a_shadow_computes_what_the_replay_of_its_decay_computes(chat, decay):
     pool = pool_for(chat, 0.25)
-    policy = CostAware(SMOLLM2_135M, (2.0, 32.0))
+    policy = CostAware(SMOLLM2_135M, DEFAULT_DECAYS)
     duel = DecayDuel(policy, pool, forget=1.0)  # no forgetting: the plain sum
     shadow = duel.shadows[DEFAULT_DECAYS.index(decay)]
     alone = replay(CostAware(SMOLLM2_135M, (decay,)), chat, pool, SMOLLM2_135M)
@@ -66,7 +66,7 @@ def test_the_cache_follows_the_cheaper_shadow_and_rebuilds_its_index(chat):
         tree.check_integrity()
         duel.check_integrity()
         leads.append(policy.lead)
-    assert duel.observed == len(chat) and duel.switches >= 1 and 1 in leads
+    assert duel.observed == len(chat) and duel.switches >= 1 and set(leads) != {0}
 
 
 def test_a_lead_change_without_a_rebuild_is_caught():
@@ -78,20 +78,20 @@ def test_a_lead_change_without_a_rebuild_is_caught():
             tree.match([100 + i, 200])
         tree.match([7])
     tree.check_integrity()
-    assert policy.follow(1)
+    assert policy.follow(3)
     with pytest.raises(AssertionError, match="key changed without an update"):
         tree.check_integrity()
     tree.reindex()
     tree.check_integrity()
 
 
-@pytest.mark.parametrize(("stream", "lead"), [("chat", 1), ("agent", 0)])
-def test_the_duel_ends_on_frequency_for_chat_and_recency_for_agents(stream, lead):
+@pytest.mark.parametrize(("stream", "decays"), [("chat", (32.0, 128.0)), ("agent", (2.0,))])
+def test_the_duel_ends_on_frequency_for_chat_and_recency_for_agents(stream, decays):
     """The default seeds at 25% cache: Zipf chat sessions return (frequency pays), finished agent
     transcripts do not (recency pays): ``benchmarks/results/policy_streams.md``."""
     requests = STREAMS[stream](150)
     replayed = run("cost-aware", requests, pool_for(requests, 0.25), SMOLLM2_135M, 4096)
-    assert replayed.duel is not None and replayed.duel.policy.lead == lead
+    assert replayed.duel is not None and replayed.duel.policy.decay in decays
 
 
 def test_a_fixed_decay_has_no_duel_and_bad_settings_are_refused():
@@ -103,5 +103,5 @@ def test_a_fixed_decay_has_no_duel_and_bad_settings_are_refused():
         DecayDuel(policy, 0)
     with pytest.raises(ValueError, match="forget"):
         DecayDuel(policy, 10, forget=0)
-    with pytest.raises(ValueError, match="lead 2"):
-        policy.follow(2)
+    with pytest.raises(ValueError, match="lead 4"):
+        policy.follow(4)

@@ -12,7 +12,7 @@ from sglang_holes.patches.scheduler.radix_cache import HoleRadixCache
 
 def _cache() -> HoleRadixCache:
     params = SimpleNamespace(page_size=1, disable=False, req_to_token_pool=None, is_eagle=False,
-                             token_to_kv_pool_allocator=SimpleNamespace(device="cpu"))
+                             token_to_kv_pool_allocator=SimpleNamespace(device="cpu", size=1000))
     return HoleRadixCache(params)
 
 
@@ -83,3 +83,24 @@ def test_a_request_whose_planning_fails_is_served_without_reuse(caplog):
     assert cache.stats["request_errors"] == 1
     assert "r-7" in caplog.text and "served without reuse" in caplog.text
     cache.check_integrity()
+
+
+def test_a_failing_decay_duel_is_switched_off_not_fatal(caplog):
+    """The decay duel only advises the eviction order: a failure while it observes a finished request is
+    logged with the rid and counted, the duel is switched off (cost-aware keeps its decay) and the cache
+    stays sound."""
+    cache = _cache()
+    tree = cache._tree()
+    with cache.namespaces.tracked(tree):
+        tree.insert([1, 2, 3, 4], torch.arange(1, 5))
+    assert cache.duel is not None
+    cache._observe(SimpleNamespace(rid="r-ok", origin_input_ids=[1, 2, 3, 4, 5]))
+    assert cache.duel.observed == 1
+    cache.duel.shadows[1].serve = None  # a bug in the second shadow: it is not callable
+    with caplog.at_level("ERROR", logger="sglang_holes"):
+        cache._observe(SimpleNamespace(rid="r-9", origin_input_ids=[1, 2, 3]))
+    assert cache.duel is None and cache.stats["request_errors"] == 1
+    assert "r-9" in caplog.text and "decay duel failed" in caplog.text
+    assert cache.policy.decay == 2.0  # the decay it followed
+    cache.check_integrity()
+

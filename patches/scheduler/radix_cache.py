@@ -232,8 +232,7 @@ class HoleRadixCache(CacheLocks, BasePrefixCache):
         if self.duel is not None and checkpointed and req.finished() and rec.chunk_hints is None:
             # Each finished request once (a retracted one is released without a checkpoint); chunk-mode
             # prompts keep approximate KV out of the exact tree the shadows model.
-            if self.duel.observe(list(req.origin_input_ids), self.namespaces.trees()):
-                self.count("policy_switches")
+            self._observe(req)
         rec.fill = None
         if rec.chunk is not None and rec.chunk.seeded is not None:
             self.unlock(rec.chunk.seeded)
@@ -241,6 +240,21 @@ class HoleRadixCache(CacheLocks, BasePrefixCache):
             self.chunks.release(req)
         if req.kv.req_pool_idx is not None:
             self.ledger.release(req.kv.req_pool_idx)
+
+    def _observe(self, req: Any) -> None:
+        """Show the decay duel a finished request. The duel only advises the eviction order: if it fails, it
+        is logged and switched off (the policy keeps its current decay) and the request is unaffected."""
+        assert self.duel is not None
+        try:
+            if self.duel.observe(list(req.origin_input_ids), self.namespaces.trees()):
+                self.count("policy_switches")
+        except Exception:
+            logger.exception("sglang-holes: the eviction policy's decay duel failed on request %s; cost-aware "
+                             "keeps decay %s from now on", req.rid, getattr(self.policy, "decay", None))
+            self.count("request_errors")
+            self.duel = None
+            for tree in self.namespaces.trees():
+                tree.reindex()
 
     @staticmethod
     def _path(node: Node) -> list[Node]:
@@ -395,9 +409,12 @@ class HoleRadixCache(CacheLocks, BasePrefixCache):
                   f"({tree.evictable_size} evictable, {tree.protected_size} locked)")
 
     def check_integrity(self) -> None:
-        """Every tree's, the chunk store's and the ledger's integrity, and no slot owned twice by holders (the
-        whole pool, live requests included, is audited by ``patches/scheduler/pool_audit.py``)."""
+        """Every tree's (the decay duel's shadows too), the chunk store's and the ledger's integrity, and no slot
+        owned twice by holders (the whole pool, live requests included, is audited by
+        ``patches/scheduler/pool_audit.py``)."""
         self.namespaces.check_integrity()
+        if self.duel is not None:
+            self.duel.check_integrity()
         self.ledger.check_integrity()
         if self.chunks is not None:
             self.chunks.store.check_integrity()

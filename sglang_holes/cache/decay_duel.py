@@ -99,7 +99,9 @@ class DecayDuel:
         return True
 
     def check_integrity(self) -> None:
-        assert len(self.shadows) == len(self.policy.decays)
+        """One sound shadow per decay, and the policy follows one that computed least."""
+        assert len(self.shadows) == len(self.policy.decays), "a shadow per decay"
+        assert self.shadows[self.policy.lead].flops == min(s.flops for s in self.shadows), "following a worse decay"
         for shadow in self.shadows:
             shadow.tree.check_integrity()
 
