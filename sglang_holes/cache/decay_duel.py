@@ -2,19 +2,22 @@
 
 No single decay serves every stream (``benchmarks/results/policy_streams.md``). Counting hits over a
 long time (frequency) keeps the documents of popular chat sessions, which return; but an agent's
-transcript that was read at every step of a finished task keeps that claim too, and displaces the
-live contexts of rarer agents. Counting only recent hits (recency) is right there, and wrong for the
-chat sessions. What the server can do is try both: ``DecayDuel`` keeps one *shadow* cache per decay,
-a ``HoleTree`` of the same capacity that holds token ids and no KV, runs ``cost-aware`` with that
-decay alone, and is shown every finished request's prompt. Each shadow counts the prompt FLOPs it
-would have computed (``RecomputeCost``), decayed by ``forget`` per request so that the stream's recent
-past decides; the real cache follows the shadow that computed least (``CostAware.follow``), and
-starts with the first decay (recency, the closest to SGLang's ``lru``).
+transcript that was read at every step of a finished task keeps that claim too, and displaces the live
+contexts of rarer agents. Counting only recent hits (recency) is right there, and wrong for the chat
+sessions; and on some streams a decay in between beats both. What the server can do is try several:
+``DecayDuel`` keeps one *shadow* cache per decay, a ``HoleTree`` of the same capacity that holds token
+ids and no KV, runs ``cost-aware`` with that decay alone, and is shown every finished request's
+prompt. Each shadow counts the prompt FLOPs it would have computed (``RecomputeCost``), decayed by
+``forget`` per request so that the stream's recent past decides; the real cache follows the shadow
+that computed least (``CostAware.follow``), and starts with the first decay (recency, the closest to
+SGLang's ``lru``).
 
 This is set dueling (Qureshi et al., "Adaptive insertion policies for high performance caching",
 ISCA 2007) with whole shadow caches instead of sampled sets: the shadows hold no KV, so the price is
-the token ids of one pool per decay on the host (a tuple entry per token) and, per finished request,
-one match, eviction and insert of its prompt in each shadow.
+the token ids of one pool per decay on the host (a tuple entry and a placeholder slot per token, and
+the token's int object where nothing else holds it: at most ~45 bytes, ~180 MB for a 1M-token pool
+with four decays) and, per finished request, one match, eviction and insert of its prompt in each shadow (~2 ms for a
+6k-token prompt with four shadows on a 2-core Xeon: ``benchmarks/results/eviction_time.md``).
 
 A shadow serves a prompt as the engine serves one request alone: the match covers all but the last
 token, the missing positions and the last are computed (their FLOPs), the shortfall is evicted with

@@ -26,19 +26,20 @@ recompute only the hole), and only the head of a node when less is needed.
 * **Which decay.** A long decay counts frequency: the documents of popular chat sessions, which
   return, stay. But the transcript of an agent that finished its task was read at every step and
   keeps that claim too, displacing the live contexts of rarer agents; there a short decay (recency)
-  is right. On ``benchmarks/bench_policy_streams.py``'s streams a decay of 32 ticks computes 15-31%
-  fewer FLOPs than 8 on Zipf chat at 25-50% cache and up to 12% more on agent transcripts, where 2
-  ticks never computes more than ``lru``; on ``benchmarks/simulate_eviction.py``'s 120k-token agent
-  trace 8 beats both. So ``cost-aware`` keeps a count per decay on every node (``decays`` = 2, 8, 32
-  and 128 ticks) and follows one: ``DecayDuel`` (``decay_duel``) replays every finished request in
-  KV-less shadow caches of the pool's size, one per decay, and the real cache orders by the decay
-  whose shadow recently computed the fewest FLOPs (switching rebuilds the heap, O(n log n), rarely).
+  is right. On ``benchmarks/bench_policy_streams.py``'s streams (default seed, seeds 10-11) a decay
+  of 32 ticks computes 4-19% fewer FLOPs than 8 on Zipf chat at 25-50% cache, but 12-19% more than
+  ``lru`` on agent transcripts at 10-25%, where 2 ticks never computes more than ``lru``; on
+  ``benchmarks/simulate_eviction.py``'s 120k-token agent trace 8 beats both. So ``cost-aware`` keeps
+  a count per decay on every node (``decays`` = 2, 8, 32 and 128 ticks) and follows one:
+  ``DecayDuel`` (``decay_duel``) replays every finished request in KV-less shadow caches of the
+  pool's size, one per decay, and the real cache orders by the decay whose shadow recently computed
+  the fewest FLOPs (switching rebuilds the heap, O(n log n), rarely).
   ``--radix-eviction-policy-config '{"decay": d}'`` fixes one decay instead (no shadows).
 
 An earlier form, ``hit rate × recency × cost of the evicted head``, was not time-invariant (it needed
 a scan per eviction) and computed 11-12% more FLOPs than ``lru`` on the agent stream; a single decay
 of 8 ticks (the next form) stayed within 1.3% of ``lru`` there but saved only 14-21% on chat, where
-following the best of the four saves 20-30% (``benchmarks/results/policy_streams.md``).
+following the best of the four saves 18-30% (``benchmarks/results/policy_streams.md``).
 
 Worked example (SmolLM2-135M constants: linear ≈ 0.21 GFLOP/token, attention ≈ 69 kFLOP/key):
 a shared 1k-token system prompt S hit 10 times, and two 8k-token documents A, B below
