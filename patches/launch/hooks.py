@@ -134,7 +134,10 @@ ATTRIBUTES: tuple[Attributes, ...] = (
     Attributes(f"{_SB}.Req", (
         "extend_end", "full_untruncated_fill_ids", "multimodal_inputs", "input_embeds", "return_logprob",
         "logprob_start_len", "origin_input_ids", "prefix_len", "cached_tokens", "kv", "customized_info",
-        "kv_hints", "extra_key", "cache_salt", "rid", "last_node", "lock", "return_hidden_states", "priority")),
+        "kv_hints", "extra_key", "cache_salt", "rid", "last_node", "lock", "return_hidden_states", "priority",
+        "finished")),
+    # The decay duel's shadow caches are the pool's size; /get_server_info reports it.
+    Attributes("sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator", ("size",)),
     Attributes(f"{_SB}.ReqKvInfo", ("req_pool_idx", "cache_protected_len", "kv_allocated_len", "kv_committed_len",
                                     "cache_inserted_len")),
     Attributes("sglang.srt.managers.scheduler.Scheduler", ("tree_cache", "token_to_kv_pool_allocator",
