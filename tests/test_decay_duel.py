@@ -72,7 +72,7 @@ def test_the_cache_follows_the_cheaper_shadow_and_rebuilds_its_index(chat):
 def test_a_lead_change_without_a_rebuild_is_caught():
     policy = make_policy("cost-aware", SMOLLM2_135M)
     tree = HoleTree(policy=policy)
-    for i in range(6):  # nodes whose two decayed counts order them differently
+    for i in range(6):  # nodes whose decayed counts under different decays order them differently
         tree.insert([100 + i, *range(200, 200 + 40 * (i + 1))], list(range(1000 * i, 1000 * i + 40 * i + 41)))
         for _ in range(i):
             tree.match([100 + i, 200])
