@@ -94,11 +94,14 @@ def test_a_failing_decay_duel_is_switched_off_not_fatal(caplog):
     with cache.namespaces.tracked(tree):
         tree.insert([1, 2, 3, 4], torch.arange(1, 5))
     assert cache.duel is not None
-    cache._observe(SimpleNamespace(rid="r-ok", origin_input_ids=[1, 2, 3, 4, 5]))
+    rec = SimpleNamespace(chunk_hints=None)
+    finished = lambda rid, ids: SimpleNamespace(rid=rid, origin_input_ids=ids, finished=lambda: True)  # noqa: E731
+    cache._feed_duel(finished("r-ok", [1, 2, 3, 4, 5]), rec, checkpointed=True)
+    cache._feed_duel(finished("r-retracted", [1, 2]), rec, checkpointed=False)  # not a finish: not observed
     assert cache.duel.observed == 1
     cache.duel.shadows[1].serve = None  # a bug in the second shadow: it is not callable
     with caplog.at_level("ERROR", logger="sglang_holes"):
-        cache._observe(SimpleNamespace(rid="r-9", origin_input_ids=[1, 2, 3]))
+        cache._feed_duel(finished("r-9", [1, 2, 3]), rec, checkpointed=True)
     assert cache.duel is None and cache.stats["request_errors"] == 1
     assert "r-9" in caplog.text and "decay duel failed" in caplog.text
     assert cache.policy.decay == 2.0  # the decay it followed

@@ -48,7 +48,6 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
-from sglang_holes.cache.decay_duel import make_duel
 from sglang_holes.cache.eviction import make_policy
 from sglang_holes.cache.leaf_policies import stamp_like_sglang_checkpoint
 from sglang_holes.cache.namespaces import Namespaces
@@ -61,6 +60,7 @@ from sglang_holes.patches.launch.hooks import BACKEND_NAME
 from sglang_holes.patches.scheduler.cache_locks import CacheLocks
 from sglang_holes.patches.scheduler.chunk_prefix import match_chunk_prefix, seed_chunk_prefix
 from sglang_holes.patches.scheduler.chunk_reuse import ChunkReuse
+from sglang_holes.patches.scheduler.duel_feed import DuelFeed
 from sglang_holes.patches.scheduler.request_holes import HoleFill, holes_of, stock_path_reason
 from sglang_holes.patches.serving.metrics import COUNTERS, HoleMetrics
 
@@ -71,7 +71,7 @@ NOT_DECIDED = "the cache was built without the server's capabilities (patches/la
 logger = logging.getLogger("sglang_holes")
 
 
-class HoleRadixCache(CacheLocks, BasePrefixCache):
+class HoleRadixCache(CacheLocks, DuelFeed, BasePrefixCache):
     """``HoleTree`` behind SGLang's prefix-cache interface (one tree per namespace)."""
 
     def __init__(self, params: CacheInitParams, config: HolesConfig | None = None,
@@ -125,8 +125,7 @@ class HoleRadixCache(CacheLocks, BasePrefixCache):
 
     def reset(self) -> None:
         self.namespaces = Namespaces(self.page_size, self.policy)
-        # cost-aware's decay, chosen by shadow caches of the pool's size (None: nothing to choose).
-        self.duel = make_duel(self.policy, int(self.token_to_kv_pool_allocator.size), self.page_size)
+        self._start_duel()  # cost-aware's decay, chosen by shadow caches of the pool's size
         # inc_lock_ref's handles per node: dec_lock_ref releases one of these, never a forged one.
         self._ref_locks: dict[int, list[TreeHandle]] = {}
         self.root_node = self._tree().root
@@ -229,10 +228,7 @@ class HoleRadixCache(CacheLocks, BasePrefixCache):
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         rec = holes_of(req)
-        if self.duel is not None and checkpointed and req.finished() and rec.chunk_hints is None:
-            # Each finished request once (a retracted one is released without a checkpoint); chunk-mode
-            # prompts keep approximate KV out of the exact tree the shadows model.
-            self._observe(req)
+        self._feed_duel(req, rec, checkpointed)
         rec.fill = None
         if rec.chunk is not None and rec.chunk.seeded is not None:
             self.unlock(rec.chunk.seeded)
@@ -240,21 +236,6 @@ class HoleRadixCache(CacheLocks, BasePrefixCache):
             self.chunks.release(req)
         if req.kv.req_pool_idx is not None:
             self.ledger.release(req.kv.req_pool_idx)
-
-    def _observe(self, req: Any) -> None:
-        """Show the decay duel a finished request. The duel only advises the eviction order: if it fails, it
-        is logged and switched off (the policy keeps its current decay) and the request is unaffected."""
-        assert self.duel is not None
-        try:
-            if self.duel.observe(list(req.origin_input_ids), self.namespaces.trees()):
-                self.count("policy_switches")
-        except Exception:
-            logger.exception("sglang-holes: the eviction policy's decay duel failed on request %s; cost-aware "
-                             "keeps decay %s from now on", req.rid, getattr(self.policy, "decay", None))
-            self.count("request_errors")
-            self.duel = None
-            for tree in self.namespaces.trees():
-                tree.reindex()
 
     @staticmethod
     def _path(node: Node) -> list[Node]:
