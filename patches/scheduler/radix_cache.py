@@ -124,8 +124,10 @@ class HoleRadixCache(CacheLocks, DuelFeed, BasePrefixCache):
     # ------------------------------------------------------------------ BasePrefixCache
 
     def reset(self) -> None:
+        # cost-aware's decay, chosen by shadow caches of the pool's size; first, since a new duel moves the
+        # policy back to its first decay and the trees' victim heaps are built with the policy's keys.
+        self._start_duel()
         self.namespaces = Namespaces(self.page_size, self.policy)
-        self._start_duel()  # cost-aware's decay, chosen by shadow caches of the pool's size
         # inc_lock_ref's handles per node: dec_lock_ref releases one of these, never a forged one.
         self._ref_locks: dict[int, list[TreeHandle]] = {}
         self.root_node = self._tree().root

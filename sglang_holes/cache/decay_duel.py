@@ -68,7 +68,9 @@ class DecayDuel:
     """Shadow caches for each of ``policy.decays``; ``observe`` moves ``policy.lead`` to the cheapest.
 
     ``capacity``: the KV pool's size in tokens (what the real cache can hold at most). ``forget``: the
-    weight of the shadows' past per observed request (0.97: about the last 33 requests decide).
+    weight of the shadows' past per observed request (0.97: about the last 33 requests decide). A new
+    duel moves ``policy`` back to its first decay (fresh shadows have no evidence yet): create it before
+    the trees that use the policy hold anything, or ``reindex`` them.
     """
 
     def __init__(self, policy: CostAware, capacity: int, page_size: int = 1, forget: float = 0.97) -> None:
