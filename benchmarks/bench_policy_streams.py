@@ -1,7 +1,8 @@
 """Eviction policies on streams that stand for real use, at 10-50% cache: prompt FLOPs per policy.
 
     .venv/bin/python benchmarks/bench_policy_streams.py [--requests 150] [--fractions 0.1 0.25 0.5]
-        [--holdout-seeds 20 21 22 23] [--engine chat agent rag --engine-requests 40 --engine-fraction 0.25]
+        [--holdout-seeds 20 21 22 23] [--engine chat agent rag --engine-requests 40 --engine-fraction 0.25
+        --engine-policies lru lfu slru cost-aware]
 
 Streams (fixed seeds; answers join the next prompt of their session, generations are 1 token):
 
@@ -22,9 +23,10 @@ FLOPs are SmolLM2-135M's (the served model). ``clairvoyant`` (``policy_replay.Cl
 when each node is read next: a reference for how much an online policy leaves on the table. Streams
 of other seeds (``--holdout-seeds``), which the policy was not chosen on, are replayed too.
 ``--engine STREAM ...`` also serves the first ``--engine-requests`` of those streams through the real
-engine for ``lru`` and ``cost-aware`` (TTFT, FLOPs from ``meta_info``, and the computed tokens
-next to the replay's).
-Writes ``policy_streams.md`` and ``policy_streams.json`` under ``--out``.
+engine, one engine per policy of ``--engine-policies`` (TTFT, FLOPs from ``meta_info``, and the
+computed tokens next to the replay's).
+Writes ``policy_streams.md`` and ``policy_streams.json`` under ``--out``; the hand-written reading of an
+existing ``policy_streams.md`` (from its "Reading it" paragraph on) is kept below the new tables.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ from sglang_holes.cache.recompute_cost import SMOLLM2_135M
 # "cost-aware decay=d": one fixed decay (what DecayDuel chooses between); "clairvoyant" knows the stream.
 POLICIES = ("lru", "lfu", "slru", "cost-aware decay=2", "cost-aware decay=32", "cost-aware", "clairvoyant")
 HOLDOUT = ("lru", "cost-aware decay=2", "cost-aware decay=32", "cost-aware", "clairvoyant")
+ENGINE_POLICIES = ("lru", "lfu", "slru", "cost-aware")
 ONE = {"max_new_tokens": 1, "temperature": 0.0}
+NOTES = "Reading it"  # where the hand-written reading of the tables starts in policy_streams.md
 
 
 def _zipf(rng: random.Random, n: int, s: float) -> int:
@@ -189,7 +193,8 @@ def write(grid: dict[str, list[dict]], holdout: dict[str, dict[int, list[dict]]]
             lines.append(f"| {name} | {fraction:.0%} | {' | '.join(cells)} |")
     if engine:
         lines += ["", f"Engine, `--engine {' '.join(args.engine)} --engine-requests {args.engine_requests} "
-                  f"--engine-fraction {args.engine_fraction}` (the first requests of each stream, served in order by "
+                  f"--engine-fraction {args.engine_fraction} --engine-policies {' '.join(args.engine_policies)}` "
+                  "(the first requests of each stream, served in order by "
                   "one engine per policy; CPU, one run):", "",
                   "| stream | policy | pool | computed tokens: engine / replay | requests agreeing | prompt TFLOP "
                   "(engine) | FLOPs vs lru | TTFT mean s | TTFT p90 s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -199,7 +204,10 @@ def write(grid: dict[str, list[dict]], holdout: dict[str, dict[int, list[dict]]]
                          f"{r['agreeing']}/{r['requests']} | {r['engine_flops'] / 1e12:.2f} | "
                          f"{r['engine_flops'] / base['engine_flops']:.3f} | {r['ttft_mean_s']:.3f} | "
                          f"{r['ttft_p90_s']:.3f} |")
-    (args.out / "policy_streams.md").write_text("\n".join(lines) + "\n")
+    path = args.out / "policy_streams.md"
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.find(NOTES):] if NOTES in old else ""
+    path.write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
     report = {"grid": grid, "holdout": holdout, "engine": engine}
     (args.out / "policy_streams.json").write_text(json.dumps(report, indent=1))
     print("\n".join(lines))
@@ -213,10 +221,14 @@ def main() -> None:
     ap.add_argument("--engine", choices=sorted(STREAMS), nargs="*", default=[])
     ap.add_argument("--engine-requests", type=int, default=40)
     ap.add_argument("--engine-fraction", type=float, default=0.25)
+    ap.add_argument("--engine-policies", nargs="+", default=list(ENGINE_POLICIES),
+                    help="the policies the engine serves each --engine stream with (lru first: the baseline)")
     ap.add_argument("--chunk", type=int, default=4096,
                     help="SGLang's chunked-prefill size (its default on this CPU), for the engine and the replay")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
+    if args.engine and args.engine_policies[0] != "lru":
+        ap.error("--engine-policies must start with lru: every engine row is compared with it")
     grid = {name: replay_grid(make(args.requests), args.fractions, args.chunk) for name, make in
             tqdm(STREAMS.items(), desc="streams")}
     holdout = {name: {seed: replay_grid(make(args.requests, seed=seed), args.fractions, args.chunk,
@@ -226,7 +238,7 @@ def main() -> None:
     for name in args.engine:
         requests = STREAMS[name](args.engine_requests)
         pool = pool_for(requests, args.engine_fraction)
-        engine += [engine_run(name, p, requests, pool, args.chunk) for p in ("lru", "cost-aware")]
+        engine += [engine_run(name, p, requests, pool, args.chunk) for p in args.engine_policies]
     machine = f"{cpu_name()}, {os.cpu_count()} cores"
     args.out.mkdir(parents=True, exist_ok=True)
     write(grid, holdout, engine, args, machine)

@@ -30,8 +30,8 @@ import torch
 from sglang_holes import HoleTree, RecomputeCost, make_policy
 from sglang_holes.cache.decay_duel import DecayDuel, make_duel
 from sglang_holes.cache.eviction import CostAware, EvictionPolicy
-from sglang_holes.cache.leaf_policies import TreeView
-from sglang_holes.cache.node import Node
+from sglang_holes.cache.leaf_policies import TreeView, stamp_like_sglang_checkpoint
+from sglang_holes.cache.node import InsertStats, Node
 from sglang_holes.cache.victim_index import ScanIndex
 
 
@@ -113,7 +113,7 @@ def run(policy: str | EvictionPolicy, requests: list[list[int]], pool: int, cost
                 row[s:e] = slots
                 computed[s:e] = False
         order = computed.nonzero().flatten()  # virtual order: the missing positions, ascending
-        need, done = order.numel(), 0
+        need, done, inserted = order.numel(), 0, 0
         while done < need:
             piece = order[done : done + (chunk or need)]
             short = piece.numel() - free.numel()
@@ -124,7 +124,11 @@ def run(policy: str | EvictionPolicy, requests: list[list[int]], pool: int, cost
             row[piece], free = free[: piece.numel()], free[piece.numel() :]
             done += piece.numel()
             up_to = n if done == need else int(order[done])  # everything before the first uncomputed position
-            result = tree.insert(prompt[:up_to], row[:up_to])  # the checkpoint after each piece
+            # The checkpoint after each piece, with SGLang's statistics: a node counts one hit per request
+            # (none for what its earlier pieces inserted), then the path is re-matched.
+            result = tree.insert(prompt[:up_to], row[:up_to], stats=InsertStats(0, inserted))
+            stamp_like_sglang_checkpoint(tree, prompt[:up_to], n, 0)
+            inserted = up_to
             free = torch.cat([free, result.rejected_slots])
             if done < need:  # the request keeps reading what it handed to the tree
                 tree.lock(result.handle)

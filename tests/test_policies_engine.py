@@ -101,5 +101,37 @@ def test_the_simulator_predicts_the_engine_request_by_request(which, tiny_engine
         assert duel is None and "policy_decay" not in state
 
 
+@pytest.fixture(scope="module")
+def lfu_engine(engines, tiny_llama: Path) -> object:
+    return engines.start(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
+                         radix_cache_backend="holes", radix_eviction_policy="lfu", max_total_tokens=POOL,
+                         chunked_prefill_size=LFU_CHUNK)
+
+
+LFU_CHUNK = 128
+
+
+def test_the_simulator_predicts_lfu_across_prefill_pieces(lfu_engine, tiny_llama):
+    """``lfu`` and ``slru`` order leaves by SGLang's hit count, which a checkpoint bumps only on nodes past
+    what the same request inserted at its earlier pieces (``req.kv.cache_inserted_len``). With prompts
+    prefilled in several pieces the replay must count the same hits, or it keeps a request's first
+    piece that the engine evicts (it did: 34/40 requests of policy_streams' chat stream)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from policy_replay import replay
+
+    from sglang_holes.cache.recompute_cost import RecomputeCost
+
+    eng = lfu_engine
+    assert eng.flush_cache().success
+    requests = _sessions(seed=5)
+    cost = RecomputeCost.from_config(json.loads((tiny_llama / "config.json").read_text()))
+    got = [m["prompt_tokens"] - m["cached_tokens"] for m in (_ask(eng, ids, priority=0) for ids in requests)]
+    assert max(got) > 2 * LFU_CHUNK  # several pieces per request, with evictions between them
+    assert got == [o.computed for o in replay("lfu", requests, POOL, cost, LFU_CHUNK)]
+
+
 def _stats(eng) -> dict:
     return eng.get_server_info()["internal_states"][0]["sglang_holes"]["cache"]["stats"]
