@@ -204,13 +204,18 @@ def write(grid: dict[str, list[dict]], holdout: dict[str, dict[int, list[dict]]]
                          f"{r['agreeing']}/{r['requests']} | {r['engine_flops'] / 1e12:.2f} | "
                          f"{r['engine_flops'] / base['engine_flops']:.3f} | {r['ttft_mean_s']:.3f} | "
                          f"{r['ttft_p90_s']:.3f} |")
-    path = args.out / "policy_streams.md"
-    old = path.read_text() if path.exists() else ""
-    notes = old[old.find(NOTES):] if NOTES in old else ""
-    path.write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
+    write_keeping_notes(args.out / "policy_streams.md", lines)
     report = {"grid": grid, "holdout": holdout, "engine": engine}
     (args.out / "policy_streams.json").write_text(json.dumps(report, indent=1))
     print("\n".join(lines))
+
+
+def write_keeping_notes(path: Path, lines: list[str]) -> None:
+    """Write a report's generated ``lines``, keeping the hand-written reading of the file it replaces (from
+    its "Reading it" paragraph on), which a re-run cannot write."""
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.find(NOTES):] if NOTES in old else ""
+    path.write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
 
 
 def main() -> None:
