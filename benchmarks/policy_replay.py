@@ -11,7 +11,8 @@ generations):
   chunked prefill); each piece allocates one slot per position, and if the pool falls short the
   cache is asked to evict exactly the shortfall (``evict_to_free_tokens``), never what the request
   locked; after each piece the checkpoint inserts everything before the first position not yet
-  computed, which the request then keeps locked;
+  computed, which the request then keeps locked, and counts SGLang's per-node hit (what ``lfu`` and
+  ``slru`` read) only on nodes past what the request's earlier pieces inserted;
 * the finished request's prompt goes into the tree (duplicates freed), then its locks are released,
   and (``cost-aware``) the ``DecayDuel`` sees the prompt, as the engine's cache does when it releases
   a finished request.
