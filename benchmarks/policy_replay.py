@@ -31,8 +31,8 @@ import torch
 from sglang_holes import HoleTree, RecomputeCost, make_policy
 from sglang_holes.cache.decay_duel import DecayDuel, make_duel
 from sglang_holes.cache.eviction import CostAware, EvictionPolicy
-from sglang_holes.cache.leaf_policies import TreeView, stamp_like_sglang_checkpoint
-from sglang_holes.cache.node import InsertStats, Node
+from sglang_holes.cache.leaf_policies import TreeView, checkpoint_like_sglang
+from sglang_holes.cache.node import Node
 from sglang_holes.cache.victim_index import ScanIndex
 
 
@@ -127,8 +127,7 @@ def run(policy: str | EvictionPolicy, requests: list[list[int]], pool: int, cost
             up_to = n if done == need else int(order[done])  # everything before the first uncomputed position
             # The checkpoint after each piece, with SGLang's statistics: a node counts one hit per request
             # (none for what its earlier pieces inserted), then the path is re-matched.
-            result = tree.insert(prompt[:up_to], row[:up_to], stats=InsertStats(0, inserted))
-            stamp_like_sglang_checkpoint(tree, prompt[:up_to], n, 0)
+            result = checkpoint_like_sglang(tree, prompt[:up_to], row[:up_to], prompt_len=n, inserted_len=inserted)
             inserted = up_to
             free = torch.cat([free, result.rejected_slots])
             if done < need:  # the request keeps reading what it handed to the tree

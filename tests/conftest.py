@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,11 +40,13 @@ def embedded_model() -> Path:
 
 
 class Engines:
-    """Every engine of the session, shut down together at its end.
+    """Every engine of the session, shut down together at its end, or one alone with ``scoped``.
 
     ``sglang.Engine.shutdown()`` kills all SGLang subprocesses of the process (other
-    engines included), so no engine is shut down before the session ends
-    (``sglang_holes.patches.launch.engine.shutdown_all`` stops every watchdog first).
+    engines included), so the session's engines are shut down together
+    (``sglang_holes.patches.launch.engine.shutdown_all`` stops every watchdog first). An engine
+    one module or test needs is started with ``scoped`` and ended alone (``shutdown_one``) when
+    it is done: kept to the session's end, they held more than a 24 GiB machine has.
     """
 
     def __init__(self) -> None:
@@ -65,6 +68,18 @@ class Engines:
                     os.environ[k] = v
         self.live.append(eng)
         return eng
+
+    @contextmanager
+    def scoped(self, env: dict[str, str] | None = None, **kwargs: object) -> Iterator[object]:
+        """``start``, then shut that engine down alone when the block ends."""
+        from sglang_holes.patches.launch.engine import shutdown_one
+
+        eng = self.start(env, **kwargs)
+        try:
+            yield eng
+        finally:
+            self.live.remove(eng)
+            shutdown_one(eng)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ chunk KV kept away from exact requests, tenants kept apart, bad hints refused.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -293,7 +294,7 @@ def test_input_logprobs_of_the_tail_under_chunk_reuse(chunk_engine, engine, toke
 
 
 @pytest.fixture(scope="module")
-def yarn_engine(engines, tiny_llama, tmp_path_factory):
+def yarn_engine(engines, tiny_llama, tmp_path_factory) -> Iterator[object]:
     """The tiny Llama with YaRN RoPE scaling: its keys cannot be re-rotated by a position delta."""
     import json
     import shutil
@@ -306,8 +307,9 @@ def yarn_engine(engines, tiny_llama, tmp_path_factory):
     cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
                               "original_max_position_embeddings": 2048}
     (path / "config.json").write_text(json.dumps(cfg))
-    return engines.start(model_path=str(path), skip_tokenizer_init=True, log_level="error", random_seed=0,
-                         radix_cache_backend="holes", max_total_tokens=2000)
+    with engines.scoped(model_path=str(path), skip_tokenizer_init=True, log_level="error", random_seed=0,
+                        radix_cache_backend="holes", max_total_tokens=2000) as eng:
+        yield eng
 
 
 def test_rope_that_cannot_be_rerotated_is_refused_at_entry(yarn_engine):

@@ -8,6 +8,7 @@ stored as the pieces complete, and every answer equals a cold run.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,12 @@ CHUNKED_POOL = 4000
 
 
 @pytest.fixture(scope="module", params=[64, 256], ids=lambda c: f"chunk{c}")
-def chunked(request, engines, tiny_llama: Path) -> object:
+def chunked(request, engines, tiny_llama: Path) -> Iterator[object]:
     """The tiny model with SGLang's chunked prefill at 64 and at 256 tokens."""
-    return engines.start(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
-                         radix_cache_backend="holes", max_total_tokens=CHUNKED_POOL,
-                         chunked_prefill_size=request.param)
+    with engines.scoped(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
+                        radix_cache_backend="holes", max_total_tokens=CHUNKED_POOL,
+                        chunked_prefill_size=request.param) as eng:
+        yield eng
 
 
 def _holes(n: int, k: int, rng: random.Random) -> list[tuple[int, int]]:

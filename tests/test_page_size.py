@@ -4,6 +4,7 @@ order page-aligned, chunked prefill over holes, outputs equal cold runs."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,10 +14,11 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module", params=[4, 16], ids=lambda p: f"page{p}")
-def paged(request, engines, tiny_llama) -> object:
-    return engines.start(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
-                         radix_cache_backend="holes", max_total_tokens=4096, page_size=request.param,
-                         chunked_prefill_size=256)
+def paged(request, engines, tiny_llama) -> Iterator[object]:
+    with engines.scoped(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
+                        radix_cache_backend="holes", max_total_tokens=4096, page_size=request.param,
+                        chunked_prefill_size=256) as eng:
+        yield eng
 
 
 def _evicted(spans: list[tuple[int, int]], p: int, n: int) -> list[list[int]]:

@@ -9,6 +9,7 @@ prompt lost an interior span still recomputes only that span.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,10 @@ SAMPLING = {"max_new_tokens": 1, "temperature": 0.0}
 
 
 @pytest.fixture(scope="module")
-def priority_engine(engines, tiny_llama: Path) -> object:
-    return engines.start(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
-                         radix_cache_backend="holes", radix_eviction_policy="priority", max_total_tokens=POOL)
+def priority_engine(engines, tiny_llama: Path) -> Iterator[object]:
+    with engines.scoped(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
+                        radix_cache_backend="holes", radix_eviction_policy="priority", max_total_tokens=POOL) as eng:
+        yield eng
 
 
 def _ask(eng, ids: list[int], priority: int) -> dict:
@@ -102,10 +104,11 @@ def test_the_simulator_predicts_the_engine_request_by_request(which, tiny_engine
 
 
 @pytest.fixture(scope="module")
-def lfu_engine(engines, tiny_llama: Path) -> object:
-    return engines.start(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
-                         radix_cache_backend="holes", radix_eviction_policy="lfu", max_total_tokens=POOL,
-                         chunked_prefill_size=LFU_CHUNK)
+def lfu_engine(engines, tiny_llama: Path) -> Iterator[object]:
+    with engines.scoped(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
+                        radix_cache_backend="holes", radix_eviction_policy="lfu", max_total_tokens=POOL,
+                        chunked_prefill_size=LFU_CHUNK) as eng:
+        yield eng
 
 
 LFU_CHUNK = 128

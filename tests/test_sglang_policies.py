@@ -21,7 +21,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
 from sglang_holes.cache import HoleTree, TreeHandle, make_policy
-from sglang_holes.cache.leaf_policies import stamp_like_sglang_checkpoint
+from sglang_holes.cache.leaf_policies import checkpoint_like_sglang
 from sglang_holes.cache.node import InsertStats
 
 POLICIES = [("lru", {}), ("lfu", {}), ("slru", {}), ("slru", {"protected_threshold": 3}), ("priority", {})]
@@ -130,8 +130,8 @@ class _Twins:
         self.sg.checkpoint(req, up_to=len(tokens))
         self.sg.unlock(req.lock)  # the request finished
         owned = torch.ones(key_len, dtype=torch.bool)  # every slot its own: the tree keeps what it holds
-        self.tree.insert(tokens[:key_len], slots[:key_len], owned, InsertStats(priority, 0))
-        stamp_like_sglang_checkpoint(self.tree, tokens[:key_len], len(prompt), priority)
+        checkpoint_like_sglang(self.tree, tokens[:key_len], slots[:key_len], owned, prompt_len=len(prompt),
+                               priority=priority)
 
     def match(self, tokens: list[int], lock: bool) -> None:
         self._tick()

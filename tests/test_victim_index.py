@@ -12,8 +12,7 @@ import torch
 
 from sglang_holes import HoleTree, make_policy
 from sglang_holes.cache.eviction import EVICTION_POLICIES, CostAware
-from sglang_holes.cache.leaf_policies import stamp_like_sglang_checkpoint
-from sglang_holes.cache.node import InsertStats
+from sglang_holes.cache.leaf_policies import checkpoint_like_sglang
 from sglang_holes.cache.victim_index import HeapIndex, ScanIndex
 
 
@@ -38,9 +37,9 @@ def _step(tree: HoleTree, rng: random.Random, prompt: list[int], free: list[int]
         for seg in m.segments:
             slots[seg.start : seg.end] = seg.slots if seg.slots is not None else torch.tensor(
                 [free.pop() for _ in range(seg.end - seg.start)], dtype=torch.int64)
-        result = tree.insert(prompt, slots, stats=InsertStats(rng.randrange(3), 0))
+        result = checkpoint_like_sglang(tree, prompt, slots, prompt_len=max(1, len(prompt) - 3),
+                                        priority=rng.randrange(3))
         free.extend(result.rejected_slots.tolist())
-        stamp_like_sglang_checkpoint(tree, prompt, max(1, len(prompt) - 3), 1)
         return ["insert", m.missing, result.rejected_slots.tolist()]
     if op < 0.6:
         m = tree.match(prompt)

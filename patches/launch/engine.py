@@ -13,7 +13,7 @@ Differences from ``sglang.Engine``, each yielding to an explicit argument:
 
 As with ``sglang.Engine``, ``shutdown()`` ends every SGLang subprocess of the calling
 process (SGLang kills the whole child tree), other engines of that process included:
-shut several engines down together with ``shutdown_all``.
+shut several engines down together with ``shutdown_all``, or one alone with ``shutdown_one``.
 """
 
 from __future__ import annotations
@@ -121,6 +121,27 @@ class Engine(SGLangEngine):
         r = call_rpc(self.send_to_rpc, CHUNK_KV, {"tokens": [int(t) for t in tokens], "layer": layer,
                                                  "offset": offset})
         return torch.tensor(r["k"]), torch.tensor(r["v"]), int(r["offset"])
+
+
+def shutdown_one(engine: SGLangEngine) -> None:
+    """Shut down one engine of a process that runs several, leaving the others serving.
+
+    Ends only the processes this engine started (its schedulers and detokenizers, each with
+    its children), after stopping its watchdog, which would otherwise take a scheduler's
+    death for a crash and take the whole process down. Frees the engine's memory where
+    ``shutdown()`` could only be called once for all (tests that start many engines).
+    """
+    from sglang.srt.utils import kill_process_tree
+
+    watchdog = getattr(getattr(engine, "tokenizer_manager", None), "_subprocess_watchdog", None)
+    if watchdog is not None:
+        watchdog.stop()
+    init = getattr(engine, "_scheduler_init_result", None)
+    for pid in list(getattr(init, "all_child_pids", None) or []):
+        kill_process_tree(pid, include_parent=True, wait_timeout=60)
+    if (rpc := getattr(engine, "send_to_rpc", None)) is not None:
+        rpc.close(linger=0)
+        engine.send_to_rpc = None
 
 
 def shutdown_all(engines: list[SGLangEngine]) -> None:

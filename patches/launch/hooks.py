@@ -151,7 +151,12 @@ ATTRIBUTES: tuple[Attributes, ...] = (
     # The ForwardBatch hook hands a batch's BatchHoles to the backend that runs extends.
     Attributes("sglang.srt.model_executor.model_runner.ModelRunner", ("attn_backend", "sliding_window_size")),
     Attributes(f"{_ATTN}.hybrid_attn_backend.HybridAttnBackend", ("prefill_backend",)),
-    Attributes("sglang.srt.managers.tokenizer_manager.TokenizerManager", ("server_args", "model_config")),
+    Attributes("sglang.srt.managers.tokenizer_manager.TokenizerManager", ("server_args", "model_config",
+                                                                          "_subprocess_watchdog")),
+    # shutdown_one / shutdown_all (patches/launch/engine.py): stop one engine's watchdog and processes.
+    Attributes("sglang.srt.entrypoints.engine.Engine", ("tokenizer_manager", "_scheduler_init_result",
+                                                        "send_to_rpc")),
+    Attributes("sglang.srt.entrypoints.engine.SchedulerInitResult", ("all_child_pids",)),
     Attributes(f"{_ATTN}.flashinfer_backend.FlashInferAttnBackend", (
         "indices_updater_prefill", "prefill_wrappers_paged", "forward_metadata", "num_wrappers",
         "prefill_uses_dequant_workspace", "enable_mis", "req_to_token_pool", "page_size", "prefill_kv_access",

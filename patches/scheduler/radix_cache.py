@@ -49,9 +49,8 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
 from sglang_holes.cache.eviction import make_policy
-from sglang_holes.cache.leaf_policies import stamp_like_sglang_checkpoint
+from sglang_holes.cache.leaf_policies import checkpoint_like_sglang
 from sglang_holes.cache.namespaces import Namespaces
-from sglang_holes.cache.node import InsertStats
 from sglang_holes.cache.recompute_cost import RecomputeCost
 from sglang_holes.cache.slot_ledger import SlotLedger
 from sglang_holes.cache.tree import HoleTree, Node, TreeHandle
@@ -286,9 +285,9 @@ class HoleRadixCache(CacheLocks, DuelFeed, BasePrefixCache):
             owned[s:e] = False
         priority = req.priority or 0
         with self.namespaces.tracked(tree):
-            result = tree.insert(tokens[:key_len], row[:key_len].to(torch.int64), owned,
-                                 InsertStats(priority, kv.cache_inserted_len))
-            stamp_like_sglang_checkpoint(tree, tokens[:key_len], len(req.origin_input_ids), priority)
+            result = checkpoint_like_sglang(tree, tokens[:key_len], row[:key_len].to(torch.int64), owned,
+                                            prompt_len=len(req.origin_input_ids), priority=priority,
+                                            inserted_len=kv.cache_inserted_len)
         kv.cache_inserted_len = max(kv.cache_inserted_len, key_len)
         if result.rejected_slots.numel():
             # Duplicates of KV the tree already holds; the row is repointed below.

@@ -26,10 +26,16 @@ project (its own clock and hit counts, which ``cost-aware`` shares).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sglang_holes.cache.node import InsertStats, Node
 from sglang_holes.cache.victim_index import HeapIndex
+
+if TYPE_CHECKING:  # tree.py imports this module
+    import torch
+
+    from sglang_holes.cache.node import InsertResult
+    from sglang_holes.cache.tree import HoleTree
 
 INT64_MAX = (1 << 63) - 1  # request priorities are signed 64-bit
 
@@ -88,12 +94,21 @@ def sglang_priority() -> LeafPolicy:
     return LeafPolicy("priority", lambda n: (n.priority, n.sg_access))
 
 
-def stamp_like_sglang_checkpoint(tree: TreeView, key: list[int], prompt_len: int, priority: int) -> None:
-    """What SGLang's ``RadixCache.checkpoint`` does to the statistics besides inserting ``key`` (the
-    request's tokens so far, page-aligned): it splits the prompt off one priority up, so a finished
-    request's output KV goes before its prompt, then re-matches the path, stamping it after the
-    nodes the insert split off other branches."""
+def checkpoint_like_sglang(tree: HoleTree, key: list[int], slots: torch.Tensor, owned: torch.Tensor | None = None,
+                           *, prompt_len: int, priority: int = 0, inserted_len: int = 0) -> InsertResult:
+    """A request's checkpoint as SGLang's ``RadixCache.checkpoint`` leaves the tree's statistics.
+
+    ``key``: the request's tokens so far (page-aligned), ``slots``/``owned`` as ``HoleTree.insert``;
+    ``prompt_len``: the request's prompt length (tokens); ``inserted_len``: how many of ``key``'s
+    tokens the same request inserted at earlier checkpoints (its earlier prefill pieces), which
+    count no hit again. After the insert, SGLang splits the prompt off one priority up (a finished
+    request's output KV goes before its prompt), then re-matches the path, stamping it after the
+    nodes the insert split off other branches. The engine's cache, the policy replay and the
+    equivalence tests all go through here, so they cannot drift apart.
+    """
+    result = tree.insert(key, slots, owned, InsertStats(priority, inserted_len))
     prompt = prompt_len - prompt_len % tree.page_size
     if 0 < prompt < len(key):
         tree.touch(key[:prompt], InsertStats(min(priority + 1, INT64_MAX), prompt))  # SGLang clamps too
     tree.touch(key)
+    return result
