@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_policy_streams.py [--requests 150] [--fractions 0.1 0.25 0.5]
         [--holdout-seeds 20 21 22 23] [--engine chat agent rag --engine-requests 40 --engine-fraction 0.25
-        --engine-policies lru lfu slru cost-aware]
+        --engine-policies lru lfu slru cost-aware] [--engine-only NAME]
 
 Streams (fixed seeds; answers join the next prompt of their session, generations are 1 token):
 
@@ -27,6 +27,7 @@ engine, one engine per policy of ``--engine-policies`` (TTFT, FLOPs from ``meta_
 computed tokens next to the replay's).
 Writes ``policy_streams.md`` and ``policy_streams.json`` under ``--out``; the hand-written reading of an
 existing ``policy_streams.md`` (from its "Reading it" paragraph on) is kept below the new tables.
+``--engine-only NAME`` serves the ``--engine`` streams alone (longer ones, say) into ``NAME.md`` / ``NAME.json``.
 """
 
 from __future__ import annotations
@@ -192,21 +193,37 @@ def write(grid: dict[str, list[dict]], holdout: dict[str, dict[int, list[dict]]]
                 cells.append(f"{min(v):.3f}–{max(v):.3f}")
             lines.append(f"| {name} | {fraction:.0%} | {' | '.join(cells)} |")
     if engine:
-        lines += ["", f"Engine, `--engine {' '.join(args.engine)} --engine-requests {args.engine_requests} "
-                  f"--engine-fraction {args.engine_fraction} --engine-policies {' '.join(args.engine_policies)}` "
-                  "(the first requests of each stream, served in order by "
-                  "one engine per policy; CPU, one run):", "",
-                  "| stream | policy | pool | computed tokens: engine / replay | requests agreeing | prompt TFLOP "
-                  "(engine) | FLOPs vs lru | TTFT mean s | TTFT p90 s |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in engine:
-            base = next(b for b in engine if b["stream"] == r["stream"] and b["policy"] == "lru")
-            lines.append(f"| {r['stream']} | {r['policy']} | {r['pool']} | {r['computed']} / {r['sim_computed']} | "
-                         f"{r['agreeing']}/{r['requests']} | {r['engine_flops'] / 1e12:.2f} | "
-                         f"{r['engine_flops'] / base['engine_flops']:.3f} | {r['ttft_mean_s']:.3f} | "
-                         f"{r['ttft_p90_s']:.3f} |")
+        lines += ["", *engine_lines(engine, args)]
     write_keeping_notes(args.out / "policy_streams.md", lines)
     report = {"grid": grid, "holdout": holdout, "engine": engine}
     (args.out / "policy_streams.json").write_text(json.dumps(report, indent=1))
+    print("\n".join(lines))
+
+
+def engine_lines(engine: list[dict], args: argparse.Namespace) -> list[str]:
+    """The engine's table: one row per stream and policy, FLOPs against the same stream's ``lru`` row."""
+    lines = [f"Engine, `--engine {' '.join(args.engine)} --engine-requests {args.engine_requests} "
+             f"--engine-fraction {args.engine_fraction} --engine-policies {' '.join(args.engine_policies)}` "
+             "(the first requests of each stream, served in order by one engine per policy; CPU, one run):", "",
+             "| stream | policy | pool | computed tokens: engine / replay | requests agreeing | prompt TFLOP "
+             "(engine) | FLOPs vs lru | TTFT mean s | TTFT p90 s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in engine:
+        base = next(b for b in engine if b["stream"] == r["stream"] and b["policy"] == "lru")
+        lines.append(f"| {r['stream']} | {r['policy']} | {r['pool']} | {r['computed']} / {r['sim_computed']} | "
+                     f"{r['agreeing']}/{r['requests']} | {r['engine_flops'] / 1e12:.2f} | "
+                     f"{r['engine_flops'] / base['engine_flops']:.3f} | {r['ttft_mean_s']:.3f} | "
+                     f"{r['ttft_p90_s']:.3f} |")
+    return lines
+
+
+def write_engine_only(engine: list[dict], args: argparse.Namespace, machine: str) -> None:
+    """``--engine-only NAME``: the engine's table alone in ``NAME.md`` / ``NAME.json`` (no replay grid)."""
+    cmd = (f"`python benchmarks/bench_policy_streams.py --engine-only {args.engine_only} --chunk {args.chunk} "
+           f"--engine {' '.join(args.engine)} --engine-requests {args.engine_requests} --engine-fraction "
+           f"{args.engine_fraction} --engine-policies {' '.join(args.engine_policies)}`")
+    lines = [f"# Eviction policies in the engine ({machine})", "", cmd, "", *engine_lines(engine, args)]
+    write_keeping_notes(args.out / f"{args.engine_only}.md", lines)
+    (args.out / f"{args.engine_only}.json").write_text(json.dumps({"engine": engine}, indent=1))
     print("\n".join(lines))
 
 
@@ -216,6 +233,16 @@ def write_keeping_notes(path: Path, lines: list[str]) -> None:
     old = path.read_text() if path.exists() else ""
     notes = old[old.find(NOTES):] if NOTES in old else ""
     path.write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
+
+
+def serve_engine(args: argparse.Namespace) -> list[dict]:
+    """The first ``--engine-requests`` of each ``--engine`` stream, served once per policy."""
+    engine = []
+    for name in args.engine:
+        requests = STREAMS[name](args.engine_requests)
+        pool = pool_for(requests, args.engine_fraction)
+        engine += [engine_run(name, p, requests, pool, args.chunk) for p in args.engine_policies]
+    return engine
 
 
 def main() -> None:
@@ -231,22 +258,24 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4096,
                     help="SGLang's chunked-prefill size (its default on this CPU), for the engine and the replay")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--engine-only", metavar="NAME",
+                    help="serve the --engine streams only (no replay grid) and write NAME.md / NAME.json under --out")
     args = ap.parse_args()
     if args.engine and args.engine_policies[0] != "lru":
         ap.error("--engine-policies must start with lru: every engine row is compared with it")
+    if args.engine_only and not args.engine:
+        ap.error("--engine-only needs --engine STREAM ...")
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.engine_only:
+        write_engine_only(serve_engine(args), args, machine)
+        return
     grid = {name: replay_grid(make(args.requests), args.fractions, args.chunk) for name, make in
             tqdm(STREAMS.items(), desc="streams")}
     holdout = {name: {seed: replay_grid(make(args.requests, seed=seed), args.fractions, args.chunk,
                                         HOLDOUT) for seed in args.holdout_seeds}
                for name, make in tqdm(STREAMS.items(), desc="held-out seeds")}
-    engine = []
-    for name in args.engine:
-        requests = STREAMS[name](args.engine_requests)
-        pool = pool_for(requests, args.engine_fraction)
-        engine += [engine_run(name, p, requests, pool, args.chunk) for p in args.engine_policies]
-    machine = f"{cpu_name()}, {os.cpu_count()} cores"
-    args.out.mkdir(parents=True, exist_ok=True)
-    write(grid, holdout, engine, args, machine)
+    write(grid, holdout, serve_engine(args), args, machine)
 
 
 if __name__ == "__main__":
