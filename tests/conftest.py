@@ -49,6 +49,9 @@ class Engines:
     it is done: kept to the session's end, they held more than a 24 GiB machine has.
     """
 
+    # The session's four (engine, holes_engine, tiny_engines) and two of one module: each holds 1.5-3 GB.
+    MAX_LIVE = 6
+
     def __init__(self) -> None:
         self.live: list[object] = []
 
@@ -56,6 +59,9 @@ class Engines:
         """``sglang_holes.Engine(**kwargs)``, with ``env`` set while its scheduler starts."""
         import sglang_holes
 
+        if len(self.live) >= self.MAX_LIVE:
+            raise RuntimeError(f"{len(self.live)} engines already up: start a module's or a test's engine with "
+                               "Engines.scoped, which ends it when it is done")
         old = {k: os.environ.get(k) for k in env or {}}
         os.environ.update(env or {})
         try:
