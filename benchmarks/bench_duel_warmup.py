@@ -8,7 +8,8 @@ on a short stream a lucky hit in one shadow can move the cache to a decay that i
 (shaped by the previous decay) do not reward yet. This replays the first ``--lengths`` requests of
 each stream of ``bench_policy_streams`` (seed -1: the stream's default seed) at 10%, 25% and 50% of
 their distinct tokens with ``policy_replay.replay`` (exact against the engine), for ``lru``, the
-duel and the two fixed decays it mostly chooses between, and writes ``duel_warmup.md`` (FLOPs vs
+duel (by default, and with ``switch_confidence=2``: it moves only on a lead of two standard errors)
+and the two fixed decays it mostly chooses between, and writes ``duel_warmup.md`` (FLOPs vs
 ``lru``: lowest, median and highest over the seeds, and the cells above ``lru``) and
 ``duel_warmup.png`` (cumulative FLOPs vs ``lru`` request by request on the default seeds), keeping
 the hand-written reading of an existing ``duel_warmup.md``.
@@ -30,7 +31,8 @@ from tqdm import tqdm
 
 from sglang_holes.cache.recompute_cost import SMOLLM2_135M
 
-POLICIES = ("cost-aware", "cost-aware decay=2", "cost-aware decay=32")
+POLICIES = ("cost-aware", "cost-aware switch_confidence=2", "cost-aware decay=2", "cost-aware decay=32")
+DUELS = POLICIES[:2]  # the default duel, and the one that switches only on a confident lead
 FRACTIONS = (0.1, 0.25, 0.5)
 
 
@@ -55,7 +57,8 @@ def sweep(lengths: list[int], seeds: list[int]) -> list[dict]:
 
 def table(rows: list[dict], lengths: list[int]) -> list[str]:
     lines = ["| stream | requests | cache | " + " | ".join(f"`{p}` vs lru: low / median / high" for p in POLICIES)
-             + " | cells above lru (`cost-aware`) |", "|---|---|---|" + "---|" * (len(POLICIES) + 1)]
+             + "".join(f" | cells above lru (`{p}`)" for p in DUELS) + " |",
+             "|---|---|---|" + "---|" * (len(POLICIES) + len(DUELS))]
     for name in STREAMS:
         for length in lengths:
             for fraction in FRACTIONS:
@@ -64,8 +67,8 @@ def table(rows: list[dict], lengths: list[int]) -> list[str]:
                 for p in POLICIES:
                     v = [r[p] for r in sel]
                     stats.append(f"{min(v):.3f} / {statistics.median(v):.3f} / {max(v):.3f}")
-                above = sum(r["cost-aware"] > 1 for r in sel)
-                lines.append(f"| {name} | {length} | {fraction:.0%} | {' | '.join(stats)} | {above}/{len(sel)} |")
+                above = [f"{sum(r[p] > 1 for r in sel)}/{len(sel)}" for p in DUELS]
+                lines.append(f"| {name} | {length} | {fraction:.0%} | {' | '.join(stats + above)} |")
     return lines
 
 

@@ -126,9 +126,10 @@ def pool_for(requests: list[list[int]], fraction: float) -> int:
 def _policy(spec: str, requests: list[list[int]]) -> str | EvictionPolicy:
     if spec == "clairvoyant":
         return Clairvoyant(requests, SMOLLM2_135M)
-    if " decay=" in spec:
-        name, decay = spec.split(" decay=")
-        return make_policy(name, SMOLLM2_135M, decay=float(decay))
+    if " " in spec:  # "name param=value", e.g. "cost-aware decay=2"
+        name, param = spec.split(" ", 1)
+        key, value = param.split("=")
+        return make_policy(name, SMOLLM2_135M, **{key: float(value)})
     return spec
 
 

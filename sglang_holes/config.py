@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sglang_holes.cache.eviction import EVICTION_POLICIES, POLICY_PARAMS
+from sglang_holes.cache.eviction import EVICTION_POLICIES, POLICY_PARAMS, make_policy
 
 FLAG_EVICTION_POLICY = "--radix-eviction-policy"
 # SGLang's flag value -> HoleTree's policy (its other policies have no hole-aware version).
@@ -105,6 +105,10 @@ class HolesConfig:
                                  f"not {name!r}")
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"--radix-eviction-policy-config: {name} must be a number > 0, got {value!r}")
+        try:  # what only the policy knows (slru's threshold >= 1, no switch_confidence with a fixed decay)
+            make_policy(self.eviction_policy, None, **dict(self.eviction_params))
+        except ValueError as e:
+            raise ValueError(f"--radix-eviction-policy-config: {e}") from None
         _check(ENV_ATTENTION_PATH, self.attention_path, ATTENTION_PATHS, "a FlashInfer hole path")
         _check(ENV_MODE, self.mode, MODES, "a mode")
         _check(ENV_CHUNK_STORE_POLICY, self.chunk_store_policy, CHUNK_STORE_POLICIES, "a chunk store policy")

@@ -35,7 +35,7 @@ def wait_healthy(proc: subprocess.Popen, base: str, timeout_s: float = 300) -> N
         try:
             if requests.get(f"{base}/health", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or too busy starting to answer
             pass
         time.sleep(1)
     pytest.fail(f"server did not become healthy in {timeout_s:.0f} s")

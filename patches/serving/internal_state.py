@@ -39,6 +39,8 @@ def cache_state(scheduler: Any) -> dict[str, Any]:
             out["policy_decay"] = cache.policy.decay
             shadows = zip(cache.policy.decays, cache.duel.shadows, strict=True)
             out["policy_shadow_flops"] = {f"{d:g}": shadow.flops for d, shadow in shadows}
+            out["policy_switch_confidence"] = cache.duel.switch_confidence
+            out["policy_switches"] = cache.duel.switches
         out["hole_batches"] = "on" if cache.no_hole_batches is None else f"off: {cache.no_hole_batches}"
         out["stats"] = dict(cache.stats)
         if cache.chunks is not None:

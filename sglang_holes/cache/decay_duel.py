@@ -24,10 +24,19 @@ token, the missing positions and the last are computed (their FLOPs), the shortf
 the matched path locked, and the prompt is inserted. With ``forget=1`` a shadow's count is exactly
 ``benchmarks/policy_replay.replay`` of that decay without chunked prefill
 (``tests/test_decay_duel.py``).
+
+By default the real cache follows the cheapest shadow as soon as it leads; early in a stream one lucky
+hit can make a decay lead that the real cache's contents do not reward
+(``benchmarks/results/duel_warmup.md``). With ``switch_confidence`` z > 0, the cache moves to another
+decay only when, over the recent requests (weighted by ``forget``), its shadow computed less than the
+followed decay's shadow per request by more than z standard errors of that difference: a paired test
+on the shadows' per-request FLOPs, which one request's luck does not pass.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -70,17 +79,27 @@ class DecayDuel:
     ``capacity``: the KV pool's size in tokens (what the real cache can hold at most). ``forget``: the
     weight of the shadows' past per observed request (0.97: about the last 33 requests decide). A new
     duel moves ``policy`` back to its first decay (fresh shadows have no evidence yet): create it before
-    the trees that use the policy hold anything, or ``reindex`` them.
+    the trees that use the policy hold anything, or ``reindex`` them. ``switch_confidence`` (default:
+    ``policy.switch_confidence``): see the module docstring; 0 follows the cheapest shadow at once.
     """
 
-    def __init__(self, policy: CostAware, capacity: int, page_size: int = 1, forget: float = 0.97) -> None:
+    WINDOW_MAX = 1000  # requests the paired test looks back at most (forget=1 would keep them all)
+
+    def __init__(self, policy: CostAware, capacity: int, page_size: int = 1, forget: float = 0.97,
+                 switch_confidence: float | None = None) -> None:
         if capacity <= 0:
             raise ValueError("capacity must be > 0 tokens")
         if not 0 < forget <= 1:
             raise ValueError("forget must be in (0, 1]")
+        z = policy.switch_confidence if switch_confidence is None else switch_confidence
+        if not z >= 0:
+            raise ValueError("switch_confidence must be >= 0")
         self.policy = policy
         self.forget = forget
+        self.switch_confidence = float(z)
         self.shadows = [ShadowCache(CostAware(policy.cost, (d,)), capacity, page_size) for d in policy.decays]
+        window = self.WINDOW_MAX if forget == 1 else min(self.WINDOW_MAX, round(1 / (1 - forget)))
+        self.recent: deque[tuple[float, ...]] = deque(maxlen=window)  # per request: each shadow's FLOPs
         self.observed = 0
         self.switches = 0
         policy.follow(0)
@@ -91,22 +110,45 @@ class DecayDuel:
         changed."""
         if len(prompt) < 1:
             return False
-        for shadow in self.shadows:
-            shadow.serve(prompt, self.forget)
+        self.recent.append(tuple(shadow.serve(prompt, self.forget) for shadow in self.shadows))
         self.observed += 1
-        flops = [s.flops for s in self.shadows]
-        best = min(range(len(flops)), key=flops.__getitem__)
-        if flops[best] >= flops[self.policy.lead] or not self.policy.follow(best):
+        best = self.choice()
+        if best == self.policy.lead or not self.policy.follow(best):
             return False
         self.switches += 1
         for tree in trees:
             tree.reindex()
         return True
 
+    def choice(self) -> int:
+        """The decay the cache should follow now (an index of ``policy.decays``)."""
+        lead = self.policy.lead
+        if self.switch_confidence == 0:
+            flops = [s.flops for s in self.shadows]
+            best = min(range(len(flops)), key=flops.__getitem__)
+            return best if flops[best] < flops[lead] else lead
+        if not self.recent:  # nothing observed yet: no evidence to move on
+            return lead
+        gains = {d: self.paired_gain(d, lead) for d in range(len(self.shadows)) if d != lead}
+        passed = {d: mean for d, (mean, se) in gains.items() if mean > self.switch_confidence * se}
+        return max(passed, key=passed.__getitem__) if passed else lead
+
+    def paired_gain(self, d: int, lead: int) -> tuple[float, float]:
+        """How many FLOPs per recent request decay ``d``'s shadow computed less than ``lead``'s (weighted by
+        ``forget``), and the standard error of that mean. At least one request observed."""
+        n = len(self.recent)
+        weights = [self.forget ** (n - 1 - i) for i in range(n)]
+        total = sum(weights)
+        diffs = [r[lead] - r[d] for r in self.recent]
+        mean = sum(w * x for w, x in zip(weights, diffs, strict=True)) / total
+        var = sum(w * (x - mean) ** 2 for w, x in zip(weights, diffs, strict=True)) / total
+        n_eff = total * total / sum(w * w for w in weights)
+        return mean, math.sqrt(var / n_eff)
+
     def check_integrity(self) -> None:
-        """One sound shadow per decay, and the policy follows one that computed least."""
+        """One sound shadow per decay, and the policy follows the decay ``choice`` picks."""
         assert len(self.shadows) == len(self.policy.decays), "a shadow per decay"
-        assert self.shadows[self.policy.lead].flops == min(s.flops for s in self.shadows), "following a worse decay"
+        assert self.choice() == self.policy.lead, "following another decay than the duel chose"
         for shadow in self.shadows:
             shadow.tree.check_integrity()
 
@@ -114,5 +156,5 @@ class DecayDuel:
 def make_duel(policy: object, capacity: int, page_size: int = 1) -> DecayDuel | None:
     """The duel for ``policy`` when it is a ``cost-aware`` with several decays; None otherwise (nothing to choose)."""
     if isinstance(policy, CostAware) and len(policy.decays) > 1:
-        return DecayDuel(policy, capacity, page_size)
+        return DecayDuel(policy, capacity, page_size)  # switch_confidence: the policy's
     return None

@@ -111,10 +111,14 @@ class CostAware:
     partial = True
     leaves_only = False
 
-    def __init__(self, cost: RecomputeCost, decays: tuple[float, ...] = DEFAULT_DECAYS, by_priority: bool = False):
+    def __init__(self, cost: RecomputeCost, decays: tuple[float, ...] = DEFAULT_DECAYS, by_priority: bool = False,
+                 switch_confidence: float = 0.0):
         if not decays or any(not d > 0 for d in decays):
             raise ValueError("decay must be > 0")
+        if not switch_confidence >= 0:
+            raise ValueError("switch_confidence must be >= 0")
         self.cost = cost
+        self.switch_confidence = float(switch_confidence)  # the duel's (decay_duel.DecayDuel)
         self.decays = tuple(float(d) for d in decays)
         self.lead = 0
         self.by_priority = by_priority
@@ -160,9 +164,12 @@ def _log_add_exp(a: float, b: float) -> float:
 
 
 def _cost_aware(recompute_cost: RecomputeCost | None, decay: float | None = None,
-                by_priority: bool = False) -> CostAware:
+                by_priority: bool = False, switch_confidence: float = 0.0) -> CostAware:
+    if decay is not None and switch_confidence:
+        raise ValueError("switch_confidence applies to the decay duel: not with one fixed decay")
     decays = DEFAULT_DECAYS if decay is None else (float(decay),)
-    return CostAware(recompute_cost or SMOLLM2_135M, decays=decays, by_priority=by_priority)
+    return CostAware(recompute_cost or SMOLLM2_135M, decays=decays, by_priority=by_priority,
+                     switch_confidence=switch_confidence)
 
 
 # name -> factory(recompute cost of the served model or None for SmolLM2-135M's constants, **params)
@@ -178,7 +185,7 @@ EVICTION_POLICIES: Mapping[str, Callable[..., EvictionPolicy]] = MappingProxyTyp
 })
 # The parameters each policy takes (``--radix-eviction-policy-config``).
 POLICY_PARAMS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "lru-leaf": (), "cost-aware": ("decay",), "priority-cost": ("decay",),
+    "lru-leaf": (), "cost-aware": ("decay", "switch_confidence"), "priority-cost": ("decay", "switch_confidence"),
     "lru": (), "lfu": (), "slru": ("protected_threshold",), "priority": ()})
 
 
