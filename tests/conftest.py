@@ -77,15 +77,29 @@ class Engines:
 
     @contextmanager
     def scoped(self, env: dict[str, str] | None = None, **kwargs: object) -> Iterator[object]:
-        """``start``, then shut that engine down alone when the block ends."""
+        """``start``, then shut that engine down alone when the block ends, checking that its processes
+        are gone. That the others are not is checked by every later test that uses them (a watchdog
+        that took this shutdown for a crash would end the whole test process)."""
         from sglang_holes.patches.launch.engine import shutdown_one
 
         eng = self.start(env, **kwargs)
+        pids = list(eng._scheduler_init_result.all_child_pids)
+        assert len(pids) >= 2  # a scheduler and a detokenizer at least
         try:
             yield eng
         finally:
             self.live.remove(eng)
             shutdown_one(eng)
+            assert not any(map(_alive, pids)), "shutdown_one left a process of its engine running"
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture(scope="session")
