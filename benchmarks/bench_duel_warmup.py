@@ -4,12 +4,13 @@
 
 The duel (``sglang_holes/cache/decay_duel.py``) starts on recency and learns from the requests it
 sees which decay to follow, so its first requests are paid at whatever the wrong decay costs, and
-on a short stream a lucky hit in one shadow can move the cache to a decay that its own contents
+on a short stream a switch on thin evidence can move the cache to a decay that its own contents
 (shaped by the previous decay) do not reward yet. This replays the first ``--lengths`` requests of
 each stream of ``bench_policy_streams`` (seed -1: the stream's default seed) at 10%, 25% and 50% of
 their distinct tokens with ``policy_replay.replay`` (exact against the engine), for ``lru``, the
-duel (by default, and with ``switch_confidence=2``: it moves only on a lead of two standard errors)
-and the two fixed decays it mostly chooses between, and writes ``duel_warmup.md`` (FLOPs vs
+duel (by default: it moves on a lead that survives leaving out its best request; and with
+``switch_confidence=2``: only on a lead of two standard errors) and the two fixed decays it mostly
+chooses between, and writes ``duel_warmup.md`` (FLOPs vs
 ``lru``: lowest, median and highest over the seeds, and the cells above ``lru``) and
 ``duel_warmup.png`` (cumulative FLOPs vs ``lru`` request by request on the default seeds), keeping
 the hand-written reading of an existing ``duel_warmup.md``.

@@ -91,6 +91,9 @@ def run(policy: str, model: str, requests: list[list[int]], pool: int, chunk: in
             "ttft_s": ttft, "computed": computed, "replay_per_request": [o.computed for o in sim]}
 
 
+KEPT_FROM = "![TTFT per request, sorted](policies.png)"  # the generated table ends before it
+
+
 def write(rows: list[dict], machine: str, args: argparse.Namespace) -> None:
     lines = [f"Machine: {machine}. `python benchmarks/bench_policies.py --sessions {args.sessions} "
              f"--turns {args.turns} --pools {' '.join(map(str, args.pools))}` (one run, the same stream for every "
@@ -105,7 +108,11 @@ def write(rows: list[dict], machine: str, args: argparse.Namespace) -> None:
                      f"{r['flops'] / 1e12:.2f} / {r['sim_flops'] / 1e12:.2f} | {r['flops'] / base['flops']:.3f}x | "
                      f"{r['requests_agreeing']}/{r['requests']} | {r['hole_requests']} / {r['sim_hole_requests']} | "
                      f"{r['ttft_mean_s']:.3f} | {r['ttft_p90_s']:.3f} |")
-    (args.out / "policies.md").write_text("\n".join(lines) + "\n")
+    # Keep the hand-written reading and sections of the file this replaces: a re-run cannot write them.
+    path = args.out / "policies.md"
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.find(KEPT_FROM):] if KEPT_FROM in old else f"{KEPT_FROM}\n"
+    path.write_text("\n".join(lines) + "\n\n" + kept)
     (args.out / "policies.json").write_text(json.dumps({"machine": machine, "args": {
         k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     import matplotlib

@@ -27,7 +27,7 @@ def test_the_engine_follows_a_confident_duel_as_the_replay_does(engines, tiny_ll
     from sglang_holes.cache.recompute_cost import RecomputeCost
     from tests.conftest import TINY_POOL
 
-    requests = _sessions(seed=9, sessions=6)  # a stream on which it switches once (the default duel: 9 times)
+    requests = _sessions(seed=9, sessions=6)  # a stream on which it switches once (the default duel: 3 times)
     cost = RecomputeCost.from_config(json.loads((tiny_llama / "config.json").read_text()))
     with engines.scoped(model_path=str(tiny_llama), skip_tokenizer_init=True, log_level="error", random_seed=0,
                         radix_cache_backend="holes", radix_eviction_policy="cost-aware", max_total_tokens=TINY_POOL,

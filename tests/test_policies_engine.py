@@ -95,8 +95,8 @@ def test_the_simulator_predicts_the_engine_request_by_request(which, tiny_engine
     state = eng.get_server_info()["internal_states"][0]["sglang_holes"]["cache"]
     duel = replayed.duel
     if which == "cost-aware":
-        assert duel is not None and duel.observed == len(requests)
-        assert state["policy_decay"] == duel.policy.decay
+        assert duel is not None and duel.observed == len(requests) and duel.switches >= 1
+        assert (state["policy_decay"], state["policy_switches"]) == (duel.policy.decay, duel.switches)
         assert state["policy_shadow_flops"] == {f"{d:g}": s.flops for d, s in zip(duel.policy.decays, duel.shadows,
                                                                                   strict=True)}
     else:

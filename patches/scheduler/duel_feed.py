@@ -1,7 +1,8 @@
 """What the ``holes`` cache shows ``cost-aware``'s decay duel: each finished request's prompt, once.
 
 ``DecayDuel`` (``sglang_holes/cache/decay_duel.py``) replays the stream in KV-less shadow caches,
-one per decay, and moves the policy to the cheapest; it only advises the eviction order, so a failure
+one per decay, and moves the policy to the one that recently computed least (without its luckiest
+request: ``DecayDuel.choice``); it only advises the eviction order, so a failure
 inside it is logged, counted and ends the duel (the policy keeps its current decay) rather than the
 scheduler.
 """

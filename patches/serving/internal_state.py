@@ -35,7 +35,8 @@ def cache_state(scheduler: Any) -> dict[str, Any]:
         out["protected"] = int(cache.protected_size())
     if isinstance(cache, HoleRadixCache):
         out["policy"] = cache.policy.name
-        if cache.duel is not None:  # cost-aware's decay now, and the shadows' recent FLOPs per decay
+        if cache.duel is not None:  # cost-aware's decay now; the shadows' decayed FLOPs (for a look: the
+            # rule reads each request's FLOPs over the recent window, DecayDuel.choice)
             out["policy_decay"] = cache.policy.decay
             shadows = zip(cache.policy.decays, cache.duel.shadows, strict=True)
             out["policy_shadow_flops"] = {f"{d:g}": shadow.flops for d, shadow in shadows}

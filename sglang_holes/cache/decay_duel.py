@@ -7,10 +7,9 @@ contexts of rarer agents. Counting only recent hits (recency) is right there, an
 sessions; and on some streams a decay in between beats both. What the server can do is try several:
 ``DecayDuel`` keeps one *shadow* cache per decay, a ``HoleTree`` of the same capacity that holds token
 ids and no KV, runs ``cost-aware`` with that decay alone, and is shown every finished request's
-prompt. Each shadow counts the prompt FLOPs it would have computed (``RecomputeCost``), decayed by
-``forget`` per request so that the stream's recent past decides; the real cache follows the shadow
-that computed least (``CostAware.follow``), and starts with the first decay (recency, the closest to
-SGLang's ``lru``).
+prompt. Each shadow counts the prompt FLOPs it would have computed for each request (``RecomputeCost``);
+the real cache follows the shadow that recently computed least, by the rule below (``CostAware.follow``),
+and starts with the first decay (recency, the closest to SGLang's ``lru``).
 
 This is set dueling (Qureshi et al., "Adaptive insertion policies for high performance caching",
 ISCA 2007) with whole shadow caches instead of sampled sets: the shadows hold no KV, so the price is
@@ -25,12 +24,18 @@ the matched path locked, and the prompt is inserted. With ``forget=1`` a shadow'
 ``benchmarks/policy_replay.replay`` of that decay without chunked prefill
 (``tests/test_decay_duel.py``).
 
-By default the real cache follows the cheapest shadow as soon as it leads; early in a stream one lucky
-hit can make a decay lead that the real cache's contents do not reward
-(``benchmarks/results/duel_warmup.md``). With ``switch_confidence`` z > 0, the cache moves to another
-decay only when, over the recent requests (weighted by ``forget``), its shadow computed less than the
-followed decay's shadow per request by more than z standard errors of that difference: a paired test
-on the shadows' per-request FLOPs, which one request's luck does not pass.
+**When to move.** Over the recent requests (the last ~1/(1-``forget``), each weighted by ``forget`` per
+request since), a shadow's *gain* is the FLOPs it computed less than the followed decay's shadow. The
+cache moves to the decay with the largest gain *without its single best request*, when that is > 0: one
+lucky hit, where only one shadow kept what a request read, does not move the cache. Moving on it did
+(the rule until 2026-12-07): on short agent streams a frequency shadow won one request, the cache
+switched, and its contents, kept by recency until then, lost to both shadows for the rest of the
+stream, up to 20% more FLOPs than ``lru`` over 40 requests; leaving out the best request keeps those
+cells within 1% of ``lru`` at nearly the same savings on chat (``benchmarks/results/duel_warmup.md``).
+With ``switch_confidence`` z > 0 the cache moves only when a shadow computed less than the followed
+one's per request by more than z standard errors of that difference: a paired test on the shadows'
+per-request FLOPs, slower still to move (within 1% of ``lru`` on every stream there, at lower savings
+on chat's first requests).
 """
 
 from __future__ import annotations
@@ -74,39 +79,41 @@ class ShadowCache:
 
 
 class DecayDuel:
-    """Shadow caches for each of ``policy.decays``; ``observe`` moves ``policy.lead`` to the cheapest.
+    """Shadow caches for each of ``policy.decays``; ``observe`` moves ``policy.lead`` by the rule of the
+    module docstring.
 
     ``capacity``: the KV pool's size in tokens (what the real cache can hold at most). ``forget``: the
-    weight of the shadows' past per observed request (0.97: about the last 33 requests decide). A new
-    duel moves ``policy`` back to its first decay (fresh shadows have no evidence yet): create it before
-    the trees that use the policy hold anything, or ``reindex`` them. ``switch_confidence`` (default:
-    ``policy.switch_confidence``): see the module docstring; 0 follows the cheapest shadow at once.
+    weight of a request's FLOPs per request observed since (0.97: about the last 33 requests decide). A
+    new duel moves ``policy`` back to its first decay (fresh shadows have no evidence yet): create it
+    before the trees that use the policy hold anything, or ``reindex`` them. The rule reads
+    ``policy.switch_confidence``.
     """
 
-    WINDOW_MAX = 1000  # requests the paired test looks back at most (forget=1 would keep them all)
+    WINDOW_MAX = 1000  # requests the rule looks back at most (forget=1 would keep them all)
 
-    def __init__(self, policy: CostAware, capacity: int, page_size: int = 1, forget: float = 0.97,
-                 switch_confidence: float | None = None) -> None:
+    def __init__(self, policy: CostAware, capacity: int, page_size: int = 1, forget: float = 0.97) -> None:
         if capacity <= 0:
             raise ValueError("capacity must be > 0 tokens")
         if not 0 < forget <= 1:
             raise ValueError("forget must be in (0, 1]")
-        z = policy.switch_confidence if switch_confidence is None else switch_confidence
-        if not z >= 0:
-            raise ValueError("switch_confidence must be >= 0")
         self.policy = policy
         self.forget = forget
-        self.switch_confidence = float(z)
         self.shadows = [ShadowCache(CostAware(policy.cost, (d,)), capacity, page_size) for d in policy.decays]
-        window = self.WINDOW_MAX if forget == 1 else min(self.WINDOW_MAX, round(1 / (1 - forget)))
+        # At least 2: with 1 the gain without the best request is never > 0 and the default rule never moves.
+        window = self.WINDOW_MAX if forget == 1 else max(2, min(self.WINDOW_MAX, round(1 / (1 - forget))))
         self.recent: deque[tuple[float, ...]] = deque(maxlen=window)  # per request: each shadow's FLOPs
         self.observed = 0
         self.switches = 0
         policy.follow(0)
 
+    @property
+    def switch_confidence(self) -> float:
+        """z of the paired test; 0: move on the gain without the best request (module docstring)."""
+        return self.policy.switch_confidence
+
     def observe(self, prompt: Sequence[int], trees: Iterable[HoleTree] = ()) -> bool:
-        """A request with this prompt finished: serve it in every shadow, then follow the cheapest. When the
-        lead changes, the victim index of each of ``trees`` (the real cache's) is rebuilt; returns whether it
+        """A request with this prompt finished: serve it in every shadow, then apply the rule. When the lead
+        changes, the victim index of each of ``trees`` (the real cache's) is rebuilt; returns whether it
         changed."""
         if len(prompt) < 1:
             return False
@@ -123,26 +130,43 @@ class DecayDuel:
     def choice(self) -> int:
         """The decay the cache should follow now (an index of ``policy.decays``)."""
         lead = self.policy.lead
-        if self.switch_confidence == 0:
-            flops = [s.flops for s in self.shadows]
-            best = min(range(len(flops)), key=flops.__getitem__)
-            return best if flops[best] < flops[lead] else lead
         if not self.recent:  # nothing observed yet: no evidence to move on
             return lead
-        gains = {d: self.paired_gain(d, lead) for d in range(len(self.shadows)) if d != lead}
-        passed = {d: mean for d, (mean, se) in gains.items() if mean > self.switch_confidence * se}
-        return max(passed, key=passed.__getitem__) if passed else lead
+        weights = self.weights()
+        others = [d for d in range(len(self.shadows)) if d != lead]
+        if self.switch_confidence == 0:
+            gains = {d: self.robust_gain(d, lead, weights) for d in others}
+        else:
+            tests = {d: self.paired_gain(d, lead, weights) for d in others}
+            gains = {d: mean for d, (mean, se) in tests.items() if mean > self.switch_confidence * se}
+        best = max(gains, key=gains.__getitem__, default=lead)
+        return best if best != lead and gains[best] > 0 else lead
 
-    def paired_gain(self, d: int, lead: int) -> tuple[float, float]:
-        """How many FLOPs per recent request decay ``d``'s shadow computed less than ``lead``'s (weighted by
-        ``forget``), and the standard error of that mean. At least one request observed."""
+    def weights(self) -> list[float]:
+        """Each recent request's weight, oldest first: ``forget`` per request observed since."""
         n = len(self.recent)
-        weights = [self.forget ** (n - 1 - i) for i in range(n)]
-        total = sum(weights)
+        return [self.forget ** (n - 1 - i) for i in range(n)]
+
+    def robust_gain(self, d: int, lead: int, weights: Sequence[float] | None = None) -> float:
+        """The FLOPs decay ``d``'s shadow computed less than ``lead``'s over the recent requests (``weights``,
+        default ``self.weights()``), leaving out the request where it gained most. At least one request
+        observed."""
+        w = self.weights() if weights is None else weights
+        terms = [a * (r[lead] - r[d]) for a, r in zip(w, self.recent, strict=True)]
+        gain = math.fsum(terms) - max(0.0, max(terms, default=0.0))
+        # Within rounding of 0 is 0: right after a switch no other decay gains over the new lead in exact
+        # arithmetic (so check_integrity's re-run of choice() agrees), and rounding must not make one.
+        return 0.0 if abs(gain) <= 1e-9 * math.fsum(map(abs, terms)) else gain
+
+    def paired_gain(self, d: int, lead: int, weights: Sequence[float] | None = None) -> tuple[float, float]:
+        """How many FLOPs per recent request decay ``d``'s shadow computed less than ``lead``'s (weighted as in
+        ``robust_gain``), and the standard error of that mean. At least one request observed."""
+        w = self.weights() if weights is None else weights
         diffs = [r[lead] - r[d] for r in self.recent]
-        mean = sum(w * x for w, x in zip(weights, diffs, strict=True)) / total
-        var = sum(w * (x - mean) ** 2 for w, x in zip(weights, diffs, strict=True)) / total
-        n_eff = total * total / sum(w * w for w in weights)
+        total = sum(w)
+        mean = sum(a * x for a, x in zip(w, diffs, strict=True)) / total
+        var = sum(a * (x - mean) ** 2 for a, x in zip(w, diffs, strict=True)) / total
+        n_eff = total * total / sum(a * a for a in w)
         return mean, math.sqrt(var / n_eff)
 
     def check_integrity(self) -> None:

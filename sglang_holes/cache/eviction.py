@@ -33,13 +33,14 @@ recompute only the hole), and only the head of a node when less is needed.
   a count per decay on every node (``decays`` = 2, 8, 32 and 128 ticks) and follows one:
   ``DecayDuel`` (``decay_duel``) replays every finished request in KV-less shadow caches of the
   pool's size, one per decay, and the real cache orders by the decay whose shadow recently computed
-  the fewest FLOPs (switching rebuilds the heap, O(n log n), rarely).
+  the fewest FLOPs, not counting the request where it gained most (switching rebuilds the heap,
+  O(n log n), rarely).
   ``--radix-eviction-policy-config '{"decay": d}'`` fixes one decay instead (no shadows).
 
 An earlier form, ``hit rate × recency × cost of the evicted head``, was not time-invariant (it needed
 a scan per eviction) and computed 11-12% more FLOPs than ``lru`` on the agent stream; a single decay
 of 8 ticks (the next form) stayed within 1.3% of ``lru`` there but saved only 14-21% on chat, where
-following the best of the four saves 18-30% (``benchmarks/results/policy_streams.md``).
+following the best of the four saves 18-29% (``benchmarks/results/policy_streams.md``).
 
 Worked example (SmolLM2-135M constants: linear ≈ 0.21 GFLOP/token, attention ≈ 69 kFLOP/key):
 a shared 1k-token system prompt S hit 10 times, and two 8k-token documents A, B below
@@ -106,7 +107,8 @@ class CostAware:
 
     ``decays``: the decay times (tree ticks) it keeps a decayed hit count for, one per node each;
     ``lead`` indexes the one the key reads. With more than one, ``DecayDuel`` (``decay_duel``) moves
-    the lead to whichever decay would have computed the fewest recent FLOPs (``follow``)."""
+    the lead to whichever decay would have computed the fewest recent FLOPs, not counting its luckiest
+    request (``follow``)."""
 
     partial = True
     leaves_only = False
