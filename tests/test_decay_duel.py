@@ -108,7 +108,7 @@ def test_a_fixed_decay_has_no_duel_and_bad_settings_are_refused():
         policy.follow(4)
 
 
-def _confident(recent: list[tuple[float, ...]], forget: float = 1.0, z: float = 2) -> DecayDuel:
+def _duel(recent: list[tuple[float, ...]], forget: float = 1.0, z: float = 2) -> DecayDuel:
     duel = DecayDuel(make_policy("cost-aware", SMOLLM2_135M, switch_confidence=z), 1000, forget=forget)
     duel.recent.extend(recent)
     return duel
@@ -118,45 +118,47 @@ def test_the_default_duel_does_not_move_on_one_lucky_request():
     """The gain without the best request: one hit only decay 32's shadow had is not enough, a second is."""
     quiet = [(100.0, 100.0, 100.0, 100.0)] * 18
     lucky = [*quiet, (100.0, 100.0, 0.0, 100.0), (100.0, 100.0, 100.0, 100.0)]
-    assert _confident(lucky, z=0).robust_gain(2, 0) == 0.0  # 100 gained, all of it on one request
-    assert _confident(lucky, z=0).choice() == 0
+    assert _duel(lucky, z=0).robust_gain(2, 0) == 0.0  # 100 gained, all of it on one request
+    assert _duel(lucky, z=0).choice() == 0
     twice = [*quiet, (100.0, 100.0, 0.0, 100.0), (100.0, 100.0, 60.0, 100.0)]
-    assert _confident(twice, z=0).robust_gain(2, 0) == pytest.approx(40.0)
-    assert _confident(twice, z=0).choice() == 2
+    assert _duel(twice, z=0).robust_gain(2, 0) == pytest.approx(40.0)
+    assert _duel(twice, z=0).choice() == 2
     # Won 100 once, then lost 60: ahead by 40 in all (the rule until 2026-12-07 moved), behind without it.
     lucky_then_worse = [*quiet, (100.0, 100.0, 0.0, 100.0), (100.0, 100.0, 160.0, 100.0)]
-    assert _confident(lucky_then_worse, z=0).robust_gain(2, 0) == pytest.approx(-60.0)
-    assert _confident(lucky_then_worse, z=0).choice() == 0
+    assert _duel(lucky_then_worse, z=0).robust_gain(2, 0) == pytest.approx(-60.0)
+    assert _duel(lucky_then_worse, z=0).choice() == 0
     # A window of 2 requests (forget 0.5), the older weighing half: 0.5 * 100 and 70, less the larger.
-    weighted = _confident([*quiet, (100.0, 100.0, 0.0, 100.0), (100.0, 100.0, 30.0, 100.0)], forget=0.5, z=0)
+    weighted = _duel([*quiet, (100.0, 100.0, 0.0, 100.0), (100.0, 100.0, 30.0, 100.0)], forget=0.5, z=0)
     assert weighted.robust_gain(2, 0) == pytest.approx(50.0)
+    # A window of 1 could never show a gain without its best request: forget 0.2 still keeps 2.
+    assert DecayDuel(make_policy("cost-aware"), 10, forget=0.2).recent.maxlen == 2
 
 
 def test_a_confident_duel_moves_on_a_steady_lead_and_not_on_one_lucky_request():
-    fresh = _confident([])  # the engine audits a duel before its first request finishes
+    fresh = _duel([])  # the engine audits a duel before its first request finishes
     assert fresh.choice() == 0
     fresh.check_integrity()
     steady = [(100.0 + i % 3, 100.0, 90.0 + i % 2, 100.0) for i in range(20)]  # decay 8: ~10 less, every time
-    assert _confident(steady).choice() == 2  # decay 32: the largest steady lead (decay 8 passes too, by ~1)
+    assert _duel(steady).choice() == 2  # decay 32: the largest steady lead (decay 8 passes too, by ~1)
     lucky = [(100.0, 100.0, 100.0, 100.0)] * 19 + [(100.0, 100.0, 0.0, 100.0)]  # one hit decay 32 alone had
-    assert _confident(lucky).choice() == 0
+    assert _duel(lucky).choice() == 0
     twice = [(100.0, 100.0, 100.0, 100.0)] * 18 + [(100.0, 100.0, 0.0, 100.0)] * 2
-    assert _confident(twice, z=0).choice() == 2  # the default rule moves on two
-    assert _confident(twice).choice() == 0  # two hits in 20 requests are not two standard errors
+    assert _duel(twice, z=0).choice() == 2  # the default rule moves on two
+    assert _duel(twice).choice() == 0  # two hits in 20 requests are not two standard errors
 
 
 def test_the_paired_gain_is_the_mean_difference_and_its_standard_error():
     diffs = [3.0, -1.0, 4.0, 2.0]
-    duel = _confident([(10.0, 10.0, 10.0 - x, 10.0) for x in diffs])
+    duel = _duel([(10.0, 10.0, 10.0 - x, 10.0) for x in diffs])
     mean, se = duel.paired_gain(2, 0)
     var = sum((x - 2.0) ** 2 for x in diffs) / 4
     assert mean == pytest.approx(2.0) and se == pytest.approx((var / 4) ** 0.5)
-    weighted = _confident([(10.0, 10.0, 10.0 - x, 10.0) for x in diffs], forget=0.75)  # a window of 4
+    weighted = _duel([(10.0, 10.0, 10.0 - x, 10.0) for x in diffs], forget=0.75)  # a window of 4
     w = [0.75**3, 0.75**2, 0.75, 1.0]  # the newest request weighs most
     assert weighted.paired_gain(2, 0)[0] == pytest.approx(sum(a * b for a, b in zip(w, diffs, strict=True)) / sum(w))
-    shorter = _confident([(10.0, 10.0, 10.0 - x, 10.0) for x in diffs], forget=0.5)  # a window of 2
+    shorter = _duel([(10.0, 10.0, 10.0 - x, 10.0) for x in diffs], forget=0.5)  # a window of 2
     assert shorter.paired_gain(2, 0)[0] == pytest.approx((0.5 * 4.0 + 2.0) / 1.5)
-    assert len(_confident([(1.0,) * 4] * 50, forget=0.97).recent) == 33  # about the requests forget keeps
+    assert len(_duel([(1.0,) * 4] * 50, forget=0.97).recent) == 33  # about the requests forget keeps
 
 
 class _MovesOnAnyLead(DecayDuel):
