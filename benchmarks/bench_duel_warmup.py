@@ -25,7 +25,8 @@ from itertools import accumulate
 from pathlib import Path
 
 # benchmarks/ is on sys.path when run as a script
-from bench_policy_streams import STREAMS, _policy, pool_for, write_keeping_notes
+from bench_policies import write_keeping_notes
+from bench_policy_streams import STREAMS, _policy, pool_for
 from bench_startup import cpu_name
 from policy_replay import replay
 from tqdm import tqdm

@@ -91,7 +91,15 @@ def run(policy: str, model: str, requests: list[list[int]], pool: int, chunk: in
             "ttft_s": ttft, "computed": computed, "replay_per_request": [o.computed for o in sim]}
 
 
-KEPT_FROM = "![TTFT per request, sorted](policies.png)"  # the generated table ends before it
+NOTES = "Reading it"  # where the hand-written reading of a results file starts
+
+
+def write_keeping_notes(path: Path, lines: list[str]) -> None:
+    """Write a report's generated ``lines``, keeping the hand-written reading of the file it replaces (from
+    its "Reading it" paragraph on), which a re-run cannot write."""
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.find(NOTES):] if NOTES in old else ""
+    path.write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
 
 
 def write(rows: list[dict], machine: str, args: argparse.Namespace) -> None:
@@ -108,11 +116,7 @@ def write(rows: list[dict], machine: str, args: argparse.Namespace) -> None:
                      f"{r['flops'] / 1e12:.2f} / {r['sim_flops'] / 1e12:.2f} | {r['flops'] / base['flops']:.3f}x | "
                      f"{r['requests_agreeing']}/{r['requests']} | {r['hole_requests']} / {r['sim_hole_requests']} | "
                      f"{r['ttft_mean_s']:.3f} | {r['ttft_p90_s']:.3f} |")
-    # Keep the hand-written reading and sections of the file this replaces: a re-run cannot write them.
-    path = args.out / "policies.md"
-    old = path.read_text() if path.exists() else ""
-    kept = old[old.find(KEPT_FROM):] if KEPT_FROM in old else f"{KEPT_FROM}\n"
-    path.write_text("\n".join(lines) + "\n\n" + kept)
+    write_keeping_notes(args.out / "policies.md", [*lines, "", "![TTFT per request, sorted](policies.png)"])
     (args.out / "policies.json").write_text(json.dumps({"machine": machine, "args": {
         k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     import matplotlib

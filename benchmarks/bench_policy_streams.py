@@ -39,7 +39,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_policies import run
+from bench_policies import run, write_keeping_notes
 from bench_startup import cpu_name  # benchmarks/ is on sys.path when run as a script
 from policy_replay import Clairvoyant, replay
 from tqdm import tqdm
@@ -52,7 +52,6 @@ POLICIES = ("lru", "lfu", "slru", "cost-aware decay=2", "cost-aware decay=32", "
 HOLDOUT = ("lru", "cost-aware decay=2", "cost-aware decay=32", "cost-aware", "clairvoyant")
 ENGINE_POLICIES = ("lru", "lfu", "slru", "cost-aware")
 ONE = {"max_new_tokens": 1, "temperature": 0.0}
-NOTES = "Reading it"  # where the hand-written reading of the tables starts in policy_streams.md
 
 
 def _zipf(rng: random.Random, n: int, s: float) -> int:
@@ -226,14 +225,6 @@ def write_engine_only(engine: list[dict], args: argparse.Namespace, machine: str
     write_keeping_notes(args.out / f"{args.engine_only}.md", lines)
     (args.out / f"{args.engine_only}.json").write_text(json.dumps({"engine": engine}, indent=1))
     print("\n".join(lines))
-
-
-def write_keeping_notes(path: Path, lines: list[str]) -> None:
-    """Write a report's generated ``lines``, keeping the hand-written reading of the file it replaces (from
-    its "Reading it" paragraph on), which a re-run cannot write."""
-    old = path.read_text() if path.exists() else ""
-    notes = old[old.find(NOTES):] if NOTES in old else ""
-    path.write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
 
 
 def serve_engine(args: argparse.Namespace) -> list[dict]:
